@@ -1,0 +1,147 @@
+"""Continuous-time consistency: sCT (from data) and sCD (distilled from a TrigFlow teacher), MATH.md §3.
+
+`loss_per_sample = SCM(...)(net, batch, step)` with `net` a `TrigFlow` wrapper. The tangent dF of the
+detached network is a JVP (torch.func.jvp under no_grad) or, chosen by config, a central finite
+difference; the gradient-carrying forward is separate. Time, tangent and loss arithmetic stay fp32
+(fp64 when the data is fp64) even when the backbone runs in bf16.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+from torch import Tensor, nn
+
+from sct.config import ConfigError
+from sct.models.attention import forward_ad_mode
+from sct.models.precond import bcast, hi
+from sct.objectives.common import LogVarianceHead, per_sample_mean, replay_randomness
+from sct.objectives.schedules import sample_trigflow_t, tangent_warmup
+
+
+@dataclass
+class SCTConfig:
+    name: Literal["sct"] = "sct"
+    p_mean: float = -1.0
+    p_std: float = 1.4
+    tangent_warmup_steps: int = 10_000
+    tangent_norm_c: float = 0.1  # g ← g / (‖g‖ + c); 0 disables normalization
+    tangent_norm_per_dim: bool = False  # ‖g‖/sqrt(D), so c means the same at every resolution
+    prior_weighting: bool = True  # w(t) = 1/(σd tan t)
+    adaptive_weighting: bool = True
+    adaptive_hidden: int = 128
+    tangent: Literal["jvp", "finite_difference"] = "jvp"
+    fd_step: float = 1e-3  # h of the central difference in the tangent direction
+
+    def check(self) -> None:
+        if self.p_std <= 0:
+            raise ConfigError("p_std", f"must be > 0, got {self.p_std}")
+        if self.tangent_warmup_steps < 0:
+            raise ConfigError("tangent_warmup_steps", f"must be >= 0, got {self.tangent_warmup_steps}")
+        if self.tangent_norm_c < 0:
+            raise ConfigError("tangent_norm_c", f"must be >= 0, got {self.tangent_norm_c}")
+        if self.fd_step <= 0:
+            raise ConfigError("fd_step", f"must be > 0, got {self.fd_step}")
+
+
+@dataclass
+class SCDConfig(SCTConfig):
+    name: Literal["scd"] = "scd"
+    p_mean: float = -0.8
+    p_std: float = 1.6
+    teacher: str = ""  # inference snapshot of a TrigFlow diffusion model (objective: diffusion)
+    guidance_scale: float = 1.0  # CFG of the teacher: F_u + w (F_c − F_u); 1 = conditional only
+
+    def check(self) -> None:
+        super().check()
+        if not self.teacher:
+            raise ConfigError("teacher", "sCD needs a teacher: the path of a diffusion snapshot (.safetensors)")
+
+
+def jvp_tangent(fn: Callable, primals: tuple, tangents: tuple, fd_step: float = 0.0) -> tuple[Tensor, Tensor]:
+    """(F⁻, dF) by forward-mode AD on the detached network."""
+    with torch.no_grad(), forward_ad_mode():
+        return torch.func.jvp(fn, primals, tangents)
+
+
+def finite_difference_tangent(fn: Callable, primals: tuple, tangents: tuple, fd_step: float) -> tuple[Tensor, Tensor]:
+    """(F⁻, dF) with dF = (F(p + h v) − F(p − h v)) / 2h; F⁻ from its own forward (3 forwards)."""
+    device = primals[0].device
+    with torch.no_grad():
+        with replay_randomness(device):  # every forward sees the same dropout mask
+            plus = fn(*(p + fd_step * v for p, v in zip(primals, tangents)))
+        with replay_randomness(device):
+            minus = fn(*(p - fd_step * v for p, v in zip(primals, tangents)))
+        return fn(*primals), (plus - minus) / (2 * fd_step)
+
+
+TANGENTS = {"jvp": jvp_tangent, "finite_difference": finite_difference_tangent}
+
+
+class DataVelocity(nn.Module):
+    """sCT: dx_t/dt = cos t z − sin t x0 (MATH §3)."""
+
+    def forward(self, x0: Tensor, z: Tensor, x_t: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
+        return bcast(t.cos(), x0) * z - bcast(t.sin(), x0) * x0
+
+
+class TeacherVelocity(nn.Module):
+    """sCD: dx_t/dt = σd F_teacher(x_t/σd, t), classifier-free guided (MATH §3). The teacher is frozen."""
+
+    def __init__(self, teacher: nn.Module, guidance_scale: float = 1.0):
+        super().__init__()
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.guidance_scale = guidance_scale
+
+    @torch.no_grad()
+    def forward(self, x0: Tensor, z: Tensor, x_t: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
+        return self.teacher.velocity(x_t, t, labels, self.guidance_scale).to(x_t.dtype)
+
+    def train(self, mode: bool = True):  # the teacher stays in eval mode (no dropout)
+        return super().train(False)
+
+
+class SCM(nn.Module):
+    def __init__(self, cfg: SCTConfig, sigma_data: float, velocity: nn.Module):
+        super().__init__()
+        self.cfg, self.sigma_data, self.velocity = cfg, sigma_data, velocity
+        self.tangent = TANGENTS[cfg.tangent]
+        self.logvar = LogVarianceHead(cfg.adaptive_hidden) if cfg.adaptive_weighting else None
+
+    def forward(self, net: nn.Module, batch: dict, step: int) -> Tensor:
+        x0 = hi(batch["x"])
+        t = sample_trigflow_t(x0.shape[0], self.cfg.p_mean, self.cfg.p_std, self.sigma_data, x0.device)
+        z = self.sigma_data * torch.randn_like(x0)  # z ~ N(0, σd² I)
+        return self.loss(net, x0, batch.get("labels"), t.to(x0.dtype), z, step)
+
+    def loss(self, net: nn.Module, x0: Tensor, labels: Tensor | None, t: Tensor, z: Tensor, step: int) -> Tensor:
+        """Per-sample sCM loss for given x0, t, z (all randomness explicit; used by tests)."""
+        sd = self.sigma_data
+        cos, sin = bcast(t.cos(), x0), bcast(t.sin(), x0)
+        x_t = cos * x0 + sin * z  # MATH §2
+        dxdt = self.velocity(x0, z, x_t, t, labels)
+        with replay_randomness(x0.device):  # the JVP and the gradient forward share the dropout mask
+            F_minus, dF = self.tangent(
+                lambda xs, tt: net.raw(xs, tt, labels),
+                (x_t / sd, t),
+                (cos * sin * dxdt / sd, t.cos() * t.sin()),  # rearranged tangents, MATH §3
+                self.cfg.fd_step,
+            )
+        F_minus, dF = F_minus.to(x0.dtype), dF.to(x0.dtype)
+        r = tangent_warmup(step, self.cfg.tangent_warmup_steps)
+        g = -cos.square() * (sd * F_minus - dxdt) - r * (cos * sin * x_t + sd * dF)  # MATH §3 target direction
+        if self.cfg.tangent_norm_c > 0:
+            norm = g.flatten(1).norm(dim=1)
+            if self.cfg.tangent_norm_per_dim:
+                norm = norm / math.sqrt(x0[0].numel())
+            g = g / (bcast(norm, g) + self.cfg.tangent_norm_c)  # tangent normalization, MATH §3
+        F = net(x_t, t, labels)
+        loss = per_sample_mean((F - F_minus - g).square())  # (1/D)‖F_θ − F⁻ − g‖²
+        if self.cfg.prior_weighting:
+            loss = loss / (sd * t.tan())  # w(t) = 1/(σd tan t)
+        if self.logvar is None:
+            return loss
+        u = self.logvar(t).to(loss.dtype)
+        return torch.exp(-u) * loss + u  # adaptive weighting, MATH §3
