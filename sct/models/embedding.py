@@ -12,12 +12,13 @@ from torch import Tensor, nn
 
 
 class PositionalEmbedding(nn.Module):
-    """DDPM/ADM sinusoids of scale·x: [cos(scale·x·f_i), sin(scale·x·f_i)], f_i = 10000^(−i/half).
+    """ADM sinusoids of scale·x: [cos(scale·x·f_i), sin(scale·x·f_i)], f_i = 10000^(−i/half).
 
-    scale = 1000 embeds TrigFlow's t ∈ [0, π/2] the way DDPM embeds 1000·t, so the highest frequencies resolve t.
+    scale = 1 on TrigFlow's t ∈ [0, π/2] keeps every frequency <= 1, so ∂F/∂t (in the sCM tangent) stays
+    small: high-frequency time embeddings make continuous-time training unstable (Lu & Song 2024, §4.1).
     """
 
-    def __init__(self, num_channels: int, scale: float = 1000.0, max_positions: int = 10000):
+    def __init__(self, num_channels: int, scale: float = 1.0, max_positions: int = 10000):
         super().__init__()
         half = num_channels // 2
         self.scale = scale

@@ -3,10 +3,11 @@ per-sample reductions and label dropout for classifier-free guidance."""
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 from torch import Tensor, nn
+
+from sct.models.embedding import PositionalEmbedding
 
 
 @contextlib.contextmanager
@@ -36,17 +37,16 @@ def drop_labels(labels: Tensor | None, p: float) -> Tensor | None:
 
 
 class LogVarianceHead(nn.Module):
-    """Adaptive weight u_φ(t) (MATH §3): sinusoidal features of t -> MLP -> scalar, zero at init. Kept in fp32."""
+    """Adaptive weight u_φ(t) (MATH §3): the backbones' positional embedding of t -> MLP -> scalar, zero at init, fp32."""
 
-    def __init__(self, hidden: int = 128, num_freqs: int = 64):
+    def __init__(self, hidden: int = 128, channels: int = 128):
         super().__init__()
-        self.register_buffer("freqs", torch.exp(-math.log(1e4) * torch.arange(num_freqs) / num_freqs) * 1e3)
-        self.mlp = nn.Sequential(nn.Linear(2 * num_freqs, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+        self.embed = PositionalEmbedding(channels)
+        self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.SiLU(), nn.Linear(hidden, 1))
         nn.init.zeros_(self.mlp[-1].weight)
         nn.init.zeros_(self.mlp[-1].bias)
 
     def forward(self, t: Tensor) -> Tensor:
         dtype = self.mlp[0].weight.dtype
         with torch.autocast(device_type=t.device.type, enabled=False):
-            arg = t.to(dtype)[:, None] * self.freqs.to(dtype)[None, :]
-            return self.mlp(torch.cat([arg.cos(), arg.sin()], dim=1)).squeeze(1)
+            return self.mlp(self.embed(t.to(dtype))).squeeze(1)
