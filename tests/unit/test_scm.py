@@ -1,6 +1,5 @@
 """sCT/sCD against independent references (MATH.md §3): the JVP tangent vs float64 central differences,
 the loss gradient vs the continuous-time consistency gradient, tangent warmup, dropout-mask sharing."""
-import math
 
 import pytest
 import torch
