@@ -40,13 +40,13 @@ def sliced_wasserstein(a: Tensor, b: Tensor, projections: int = 256, seed: int =
 class ToySettings:
     hidden: int = 128
     depth: int = 3
-    batch: int = 512
+    batch: int = 256
     lr: float = 1e-3
     ema_decay: float = 0.995
-    steps_diffusion: int = 2500
-    steps_ict: int = 2500
-    steps_sct: int = 2000
-    steps_scd: int = 1500
+    steps_diffusion: int = 3000
+    steps_ict: int = 5000
+    steps_sct: int = 4000
+    steps_scd: int = 2500
     eval_samples: int = 4000
     seed: int = 0
 
