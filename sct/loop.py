@@ -100,7 +100,7 @@ def run(cfg: LoopConfig, parts: Parts, run_dir: Path, device: torch.device) -> i
     metrics = stats.JSONLWriter(run_dir / "metrics.jsonl", parts.rank)
     progress = stats.Progress(cfg.total_steps, start)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
-    tick_start = time.monotonic()
+    tick_start, tick_step = time.monotonic(), start
     for step in range(start, stop):
         torch.manual_seed(step_seed(cfg.seed, step, parts.rank))
         parts.net.train()
@@ -127,10 +127,10 @@ def run(cfg: LoopConfig, parts: Parts, run_dir: Path, device: torch.device) -> i
         progress.update(done)
         if done % cfg.log_every == 0 or done == stop:
             record = {"step": done, "lr": parts.lr(step), "skipped": counters["skipped"], **stats.collect()}
-            record["sec_per_step"] = (time.monotonic() - tick_start) / (cfg.log_every if done % cfg.log_every == 0 else max(1, (done - start) % cfg.log_every))
+            record["sec_per_step"] = (time.monotonic() - tick_start) / (done - tick_step)
             metrics.write(record)
             logger.info(f"{progress.line()}  loss {record.get('loss', float('nan')):.4f}  lr {record['lr']:.2e}  skipped {counters['skipped']}")
-            tick_start = time.monotonic()
+            tick_start, tick_step = time.monotonic(), done
         last = done == cfg.total_steps
         if done % cfg.snapshot_every == 0 or last:
             _snapshot(run_dir, done, parts)

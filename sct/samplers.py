@@ -93,21 +93,15 @@ def ode_sample(
     return x
 
 
-def two_step_mid(kind: str) -> float:
-    """Published intermediate time of 2-step sampling: t_mid = 1.1 (sCM); σ_mid = 0.821 (iCT CIFAR-10)."""
-    return {"trigflow": 1.1, "edm_consistency": 0.821}[kind]
-
-
 def mids_for_steps(net: nn.Module, steps: int, mids: Sequence[float] | None = None) -> list[float]:
-    """Intermediate σ/t for an N-step sampler: given ones, or geometric between s_max and the published mid."""
+    """Intermediate σ/t for an N-step sampler: given ones, or geometric between s_max and the wrapper's published 2-step mid."""
     if mids is not None:
         if len(mids) != steps - 1:
             raise ValueError(f"{steps}-step sampling needs {steps - 1} intermediate times, got {list(mids)}")
         return list(mids)
     if steps == 1:
         return []
-    kind = "trigflow" if hasattr(net, "t_max") else "edm_consistency"
-    last = two_step_mid(kind)
+    last = net.two_step_mid
     return [net.s_max * (last / net.s_max) ** (k / (steps - 1)) for k in range(1, steps)] if steps > 2 else [last]
 
 

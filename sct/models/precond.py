@@ -47,6 +47,8 @@ class EDMConsistencyConfig:
 class EDMConsistency(nn.Module):
     """iCT consistency function in the EDM σ parameterization (MATH.md §1)."""
 
+    two_step_mid = 0.821  # published σ of 2-step sampling (iCT, CIFAR-10; ImageNet-64 uses 1.526)
+
     def __init__(self, backbone: nn.Module, cfg: EDMConsistencyConfig):
         super().__init__()
         self.backbone = backbone
@@ -91,6 +93,8 @@ class TrigFlowConfig:
 
 class TrigFlow(nn.Module):
     """TrigFlow parameterization (MATH.md §2): the raw network F(x_t/σd, t) with c_noise(t) = t."""
+
+    two_step_mid = 1.1  # published t of 2-step sampling (sCM)
 
     def __init__(self, backbone: nn.Module, cfg: TrigFlowConfig):
         super().__init__()

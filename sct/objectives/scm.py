@@ -7,6 +7,7 @@ difference; the gradient-carrying forward is separate. Time, tangent and loss ar
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Literal
@@ -60,7 +61,7 @@ class SCDConfig(SCTConfig):
             raise ConfigError("teacher", "sCD needs a teacher: the path of a diffusion snapshot (.safetensors)")
 
 
-def jvp_tangent(fn: Callable, primals: tuple, tangents: tuple, fd_step: float = 0.0) -> tuple[Tensor, Tensor]:
+def jvp_tangent(fn: Callable, primals: tuple, tangents: tuple) -> tuple[Tensor, Tensor]:
     """(F⁻, dF) by forward-mode AD on the detached network."""
     with torch.no_grad(), forward_ad_mode():
         return torch.func.jvp(fn, primals, tangents)
@@ -75,9 +76,6 @@ def finite_difference_tangent(fn: Callable, primals: tuple, tangents: tuple, fd_
         with replay_randomness(device):
             minus = fn(*(p - fd_step * v for p, v in zip(primals, tangents)))
         return fn(*primals), (plus - minus) / (2 * fd_step)
-
-
-TANGENTS = {"jvp": jvp_tangent, "finite_difference": finite_difference_tangent}
 
 
 class DataVelocity(nn.Module):
@@ -107,7 +105,7 @@ class SCM(nn.Module):
     def __init__(self, cfg: SCTConfig, sigma_data: float, velocity: nn.Module):
         super().__init__()
         self.cfg, self.sigma_data, self.velocity = cfg, sigma_data, velocity
-        self.tangent = TANGENTS[cfg.tangent]
+        self.tangent = jvp_tangent if cfg.tangent == "jvp" else functools.partial(finite_difference_tangent, fd_step=cfg.fd_step)
         self.logvar = LogVarianceHead(cfg.adaptive_hidden) if cfg.adaptive_weighting else None
 
     def forward(self, net: nn.Module, batch: dict, step: int) -> Tensor:
@@ -127,7 +125,6 @@ class SCM(nn.Module):
                 lambda xs, tt: net.raw(xs, tt, labels),
                 (x_t / sd, t),
                 (cos * sin * dxdt / sd, t.cos() * t.sin()),  # rearranged tangents, MATH §3
-                self.cfg.fd_step,
             )
         F_minus, dF = F_minus.to(x0.dtype), dF.to(x0.dtype)
         r = tangent_warmup(step, self.cfg.tangent_warmup_steps)
