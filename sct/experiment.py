@@ -70,12 +70,12 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     return EDMConsistency(backbone, cfg.precond)
 
 
-def load_snapshot_model(path: str | Path) -> nn.Module:
-    """An inference snapshot (EMA weights + model config) as a ready-to-sample module in eval mode."""
+def load_snapshot_model(path: str | Path) -> tuple[nn.Module, dict]:
+    """An inference snapshot as (ready-to-sample module in eval mode, stored model/sampling/shape config)."""
     state, stored = load_snapshot(Path(path))
     model = build_model(from_dict(ModelConfig, stored["model"], source=str(path)))
     model.load_state_dict(state)
-    return model.eval().requires_grad_(False)
+    return model.eval().requires_grad_(False), stored
 
 
 def build_objective(cfg: TrainConfig) -> nn.Module:
@@ -87,7 +87,7 @@ def build_objective(cfg: TrainConfig) -> nn.Module:
     if isinstance(obj, SCDConfig):
         if not Path(obj.teacher).is_file():
             raise ConfigError("objective.teacher", f"teacher snapshot not found: {obj.teacher}")
-        teacher = load_snapshot_model(obj.teacher)
+        teacher, _ = load_snapshot_model(obj.teacher)
         if not isinstance(teacher, TrigFlow):
             raise ConfigError("objective.teacher", f"{obj.teacher} is not a TrigFlow model")
         return SCM(obj, precond.sigma_data, TeacherVelocity(teacher, obj.guidance_scale))

@@ -10,12 +10,20 @@ import argparse
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from sct.config import from_dict
 from sct.images import save_image_grid, save_scatter
 from sct.samplers import SamplingConfig, generate, grid_labels
+
+
+def save_picture(x: Tensor, path: Path, label: str) -> None:
+    """Images [N, C, H, W] as a 10-wide grid, 2-D points as a scatter plot."""
+    if x.ndim == 4:
+        save_image_grid(x, path, nrow=10)
+    else:
+        save_scatter({label: x}, path)
 
 
 def write_grids(net: nn.Module, stem: Path, cfg: SamplingConfig, shape: tuple, classes: int, device=None) -> list[Path]:
@@ -27,17 +35,13 @@ def write_grids(net: nn.Module, stem: Path, cfg: SamplingConfig, shape: tuple, c
     for steps in cfg.steps:
         x = generate(net, cfg, steps, shape, seeds, labels, device).cpu()
         path = Path(f"{stem}_{steps}step.png")
-        if len(shape) == 3:
-            save_image_grid(x, path, nrow=10)
-        else:
-            save_scatter({f"{steps}-step": x}, path)
+        save_picture(x, path, f"{steps}-step")
         paths.append(path)
     return paths
 
 
 def main(argv=None) -> None:
-    from sct.checkpoint import load_snapshot
-    from sct.experiment import ModelConfig, build_model
+    from sct.experiment import load_snapshot_model
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--snapshot", type=Path, required=True, help="snapshot_*.safetensors written by sct.train")
@@ -50,17 +54,14 @@ def main(argv=None) -> None:
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (ODE sampling)")
     args = p.parse_args(argv)
 
-    state, stored = load_snapshot(args.snapshot)
-    model_cfg = from_dict(ModelConfig, stored["model"], source=str(args.snapshot))
+    net, stored = load_snapshot_model(args.snapshot)
     sampling = from_dict(SamplingConfig, stored["sampling"], source=str(args.snapshot))
     if args.guidance is not None:
         sampling.guidance = args.guidance
     sampling.steps, sampling.mids = (args.steps,), None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    net = build_model(model_cfg)
-    net.load_state_dict(state)
-    net = net.to(device).eval()
-    shape, classes = tuple(stored["shape"]), model_cfg.backbone.label_dim
+    net = net.to(device)
+    shape, classes = tuple(stored["shape"]), stored["model"]["backbone"]["label_dim"]
     labels = grid_labels(args.num, classes)
     if args.label is not None and classes:
         labels = torch.nn.functional.one_hot(torch.full((args.num,), args.label), classes).float()
@@ -73,7 +74,7 @@ def main(argv=None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     torch.save({"samples": x, "seeds": list(range(args.seed, args.seed + args.num)), "labels": labels}, args.out / "samples.pt")
     picture = args.out / f"samples_{args.steps}step.png"
-    save_image_grid(x, picture, nrow=10) if len(shape) == 3 else save_scatter({f"{args.steps}-step": x}, picture)
+    save_picture(x, picture, f"{args.steps}-step")
     print(f"wrote {args.num} samples to {args.out / 'samples.pt'} and {picture}")
 
 

@@ -8,7 +8,6 @@ scatter PNG. The test suite runs the same function and checks the ratios.
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from pipelines.arrays import gaussian_mixture
+from sct.ema import EMA, EMAConfig
 from sct.models.mlp import MLP, MLPConfig
 from sct.models.precond import EDMConsistency, EDMConsistencyConfig, TrigFlow, TrigFlowConfig
 from sct.objectives.diffusion import DiffusionConfig, TrigFlowDiffusion
@@ -56,7 +56,7 @@ def train(net: nn.Module, objective: nn.Module, data: Tensor, s: ToySettings, st
     torch.manual_seed(seed)
     params = [p for p in list(net.parameters()) + list(objective.parameters()) if p.requires_grad]
     opt = torch.optim.Adam(params, lr=s.lr)
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    ema = EMA(net, EMAConfig(kind="constant", decay=s.ema_decay))
     gen = torch.Generator().manual_seed(seed)
     for step in range(steps):
         lr = s.lr * min(1.0, (step + 1) / 200) * min(1.0, 2 * (steps - step) / steps)  # warmup, linear decay over the 2nd half
@@ -69,10 +69,8 @@ def train(net: nn.Module, objective: nn.Module, data: Tensor, s: ToySettings, st
         opt.step()
         if (step + 1) % 500 == 0:
             print(f"  {type(objective).__name__} step {step + 1}/{steps} loss {loss.item():.4f}", flush=True)
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), net.parameters()):
-                pe.lerp_(p, 1 - s.ema_decay)
-    return ema
+        ema.update(net, step)
+    return ema.model
 
 
 def mlp(s: ToySettings, fourier: bool = False) -> MLP:
@@ -134,7 +132,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="folder for toy_quality.md and toy_samples.png")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     rows, samples = run(ToySettings())
     text = table(rows)
     print(text)
@@ -143,7 +140,7 @@ def main() -> None:
 
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "toy_quality.md").write_text(text + "\n")
-        save_scatter({k: v for k, v in samples.items()}, args.out / "toy_samples.png", title="2-D Gaussian mixture")
+        save_scatter(samples, args.out / "toy_samples.png", title="2-D Gaussian mixture")
 
 
 if __name__ == "__main__":
