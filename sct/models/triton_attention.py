@@ -107,24 +107,39 @@ def attention_with_tangent(q: Tensor, k: Tensor, v: Tensor, tq: Tensor | None = 
         raise ValueError(f"Triton attention takes one of {DTYPES} for q, k, v alike, got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.shape != v.shape or q.shape[:-2] != k.shape[:-2] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} are not [..., L, d] alike")
+    with_tangent = any(t is not None for t in (tq, tk, tv))
+    o, to, lse = _attention_op(q, k, v, tq, tk, tv, with_tangent)
+    return o, (to if with_tangent else None), lse
+
+
+# A custom op, so that the kernel always receives plain tensors: inside torch.func.jvp the autograd.Function's
+# jvp staticmethod sees functorch wrappers, whose storage a kernel launch cannot read.
+@torch.library.custom_op("sct::attention_with_tangent", mutates_args=())
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, tq: Tensor | None, tk: Tensor | None, tv: Tensor | None,
+                  with_tangent: bool) -> tuple[Tensor, Tensor, Tensor]:
     lead, Lq, Lk, d = q.shape[:-2], q.shape[-2], k.shape[-2], q.shape[-1]
     bh = math.prod(lead)
     flat = [t.reshape(bh, t.shape[-2], d).contiguous() for t in (q, k, v)]
-    with_tangent = any(t is not None for t in (tq, tk, tv))
-    tangents = [flat[i].new_zeros(()).expand_as(flat[i]).contiguous() if t is None else t.reshape(flat[i].shape).to(q.dtype).contiguous()
+    tangents = [torch.zeros_like(flat[i]) if t is None else t.reshape(flat[i].shape).to(q.dtype).contiguous()
                 for i, t in enumerate((tq, tk, tv))] if with_tangent else flat  # unused pointers without tangent
     o = torch.empty_like(flat[0])
-    to = torch.empty_like(o) if with_tangent else o
+    to = torch.empty_like(o) if with_tangent else o.new_empty(0)
     lse = torch.empty(bh, Lq, device=q.device, dtype=torch.float32)
     block_m, block_n, block_d = _blocks(d)
     grid = (triton.cdiv(Lq, block_m), bh)
     _attention_tangent_kernel[grid](
-        *flat, *tangents, o, to, lse, 1.0 / math.sqrt(d), Lq, Lk,
+        *flat, *tangents, o, to if with_tangent else o, lse, 1.0 / math.sqrt(d), Lq, Lk,
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, HAS_TANGENT=with_tangent,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
     shape = (*lead, Lq, d)
-    return o.reshape(shape), (to.reshape(shape) if with_tangent else None), lse.reshape(*lead, Lq)
+    return o.reshape(shape), (to.reshape(shape) if with_tangent else to), lse.reshape(*lead, Lq)
+
+
+@_attention_op.register_fake
+def _(q, k, v, tq, tk, tv, with_tangent):
+    o = q.new_empty(q.shape)
+    return o, (q.new_empty(q.shape) if with_tangent else q.new_empty(0)), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
 class _TritonJVPAttention(torch.autograd.Function):

@@ -155,6 +155,19 @@ class Modulation(nn.Module):
             return h * scale_BC[:, :, None, None] + shift_BC[:, :, None, None]
 
 
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm in fp32 (fp64 for fp64 inputs) with autocast off, cast back to the input dtype (ADM's GroupNorm32).
+
+    Also works around autocast + forward AD: autocast's group_norm on a bf16 input returns a bf16 primal
+    with an fp32 tangent, and the next conv then fails on the dtype mismatch (torch 2.14, CPU).
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        dt = wide_dtype(x)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return F.group_norm(x.to(dt), self.num_groups, self.weight.to(dt), self.bias.to(dt), self.eps).to(x.dtype)
+
+
 def _zero(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         nn.init.zeros_(p)
@@ -168,7 +181,7 @@ class AttentionBlock(nn.Module):
         super().__init__()
         self.heads = channels // head_dim if channels % head_dim == 0 else 1
         self.jvp_impl = jvp_impl
-        self.norm = nn.GroupNorm(groups, channels)
+        self.norm = GroupNorm32(groups, channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = _zero(nn.Conv2d(channels, channels, 1))
 
@@ -197,7 +210,7 @@ class ResBlock(nn.Module):
                  attn: bool = False, takes_skip: bool = False):
         super().__init__()
         self.resample, self.takes_skip = resample, takes_skip
-        self.norm1 = nn.GroupNorm(cfg.num_groups, in_ch)
+        self.norm1 = GroupNorm32(cfg.num_groups, in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.mod = Modulation(out_ch, emb_dim, cfg.num_groups, cfg.adaptive_double_norm)
         self.dropout = nn.Dropout(cfg.dropout)
@@ -260,7 +273,7 @@ class UNet(nn.Module):
                 ch = width
         assert not skip_ch
 
-        self.out_norm = nn.GroupNorm(cfg.num_groups, ch)
+        self.out_norm = GroupNorm32(cfg.num_groups, ch)
         self.out_conv = _zero(nn.Conv2d(ch, cfg.img_channels, 3, padding=1))
 
     def embed(self, noise_labels: Tensor, class_labels: Tensor | None = None) -> Tensor:
