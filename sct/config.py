@@ -12,6 +12,9 @@ Field types: dataclasses, bool, int, float (ints accepted), str, Literal[...], X
 tuple[X, ...], tuple[X, Y], dict[str, X], unions. A union of dataclasses is tagged: each member has
 ``name: Literal["..."] = "..."``; a mapping's ``name`` picks the member, and a mapping without it
 updates the field's default. Keys not given keep their defaults.
+Presets: a dataclass with a ``preset`` field and a ``PRESETS: ClassVar[dict[str, dict]]`` table fills
+the keys a mapping does not give from ``PRESETS[preset]`` (explicit keys win, then the preset, then
+the defaults); the dumped config holds every key, so it reloads to the same values.
 """
 
 from __future__ import annotations
@@ -133,6 +136,13 @@ def _build(cls: type, data: Any, key: str, base: Any) -> Any:
         if k not in fields:
             valid = ", ".join(fields)
             raise ConfigError(_join(key, str(k)), f"unknown key{_suggest(k, fields)} (valid keys: {valid})")
+    presets = getattr(cls, "PRESETS", None)
+    if presets is not None and data.get("preset") is not None:
+        name = data["preset"]
+        if not isinstance(name, str) or name not in presets:
+            raise ConfigError(_join(key, "preset"), f"unknown preset {name!r}{_suggest(name, presets)} "
+                                                    f"(valid presets: {', '.join(presets)})")
+        data = {**presets[name], **data}  # explicit keys override the preset's
     hints, kwargs = typing.get_type_hints(cls), {}
     for name, f in fields.items():
         if name not in data:

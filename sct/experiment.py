@@ -16,6 +16,7 @@ from sct.checkpoint import load_snapshot
 from sct.config import ConfigError, from_dict, to_dict
 from sct.ema import EMAConfig
 from sct.loop import LoopConfig
+from sct.models.dit import DiTConfig, build_dit
 from sct.models.mlp import MLPConfig, build_mlp
 from sct.models.precond import EDMConsistency, EDMConsistencyConfig, TrigFlow, TrigFlowConfig
 from sct.models.unet import UNetConfig, build_unet
@@ -25,13 +26,13 @@ from sct.objectives.scm import SCM, DataVelocity, SCDConfig, SCTConfig, TeacherV
 from sct.optim import OptimizerConfig
 from sct.samplers import SamplingConfig
 
-BACKBONES = {"unet": build_unet, "mlp": build_mlp}
+BACKBONES = {"unet": build_unet, "dit": build_dit, "mlp": build_mlp}
 PARAMETERIZATION_OF = {"ict": "edm_consistency", "diffusion": "trigflow", "sct": "trigflow", "scd": "trigflow"}
 
 
 @dataclass
 class ModelConfig:
-    backbone: UNetConfig | MLPConfig = field(default_factory=UNetConfig)
+    backbone: UNetConfig | DiTConfig | MLPConfig = field(default_factory=UNetConfig)
     precond: TrigFlowConfig | EDMConsistencyConfig = field(default_factory=TrigFlowConfig)
 
 
@@ -52,8 +53,8 @@ class TrainConfig:
         backbone, shape, classes = self.model.backbone, data_shape(self.data), num_classes(self.data)
         if backbone.label_dim != classes:
             raise ConfigError("model.backbone.label_dim", f"the data has {classes} classes (data.class_conditional={self.data.class_conditional}), got label_dim={backbone.label_dim}")
-        if isinstance(backbone, UNetConfig) and shape != (backbone.img_channels, backbone.img_resolution, backbone.img_resolution):
-            raise ConfigError("model.backbone", f"data samples are {shape}, the U-Net expects ({backbone.img_channels}, {backbone.img_resolution}, {backbone.img_resolution})")
+        if isinstance(backbone, (UNetConfig, DiTConfig)) and shape != (backbone.img_channels, backbone.img_resolution, backbone.img_resolution):
+            raise ConfigError("model.backbone", f"data samples are {shape}, the {backbone.name} expects ({backbone.img_channels}, {backbone.img_resolution}, {backbone.img_resolution})")
         if isinstance(backbone, MLPConfig) and shape != (backbone.dim,):
             raise ConfigError("model.backbone.dim", f"data samples are {shape}, the MLP expects ({backbone.dim},)")
         if (self.sampling.method == "ode") != (self.objective.name == "diffusion"):

@@ -1,14 +1,31 @@
-"""Embeddings of the per-sample conditioning scalar, shared by every backbone.
+"""The conditioning path shared by every backbone: embeddings of the per-sample scalar and fp32 linears.
 
 Positional (sCM, c_noise = t ∈ [0, π/2]) and Fourier (EDM/iCT, c_noise = 250 ln σ) features.
 Inputs are embedded in fp32 (fp64 if given fp64) by the caller; buffers are float64 and cast on use.
+`WideLinear` keeps the time embedding and the modulation out of bf16/fp16, whatever the autocast.
 """
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+def wide_dtype(*ts: Tensor) -> torch.dtype:
+    """float64 if any input is float64 (tests), else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
+
+
+class WideLinear(nn.Linear):
+    """nn.Linear computed in fp32 (fp64 if the weights are fp64), with autocast disabled."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        dt = wide_dtype(self.weight)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            b = None if self.bias is None else self.bias.to(dt)
+            return F.linear(x.to(dt), self.weight.to(dt), b)
 
 
 class PositionalEmbedding(nn.Module):

@@ -1,31 +1,72 @@
-"""EDM/EDM2-flavoured U-Net backbone F(x, noise_labels, class_labels) with the sCM stability changes.
+"""EDM2-layout U-Net backbone F(x, noise_labels, class_labels) with the sCM stability changes, and its presets.
 
-Owns: `UNetConfig` (its own sub-config, checked by `check()`), `build_unet`, and the layers of the net.
-The backbone sees one conditioning scalar per sample (the wrapper's c_noise) and knows nothing of σ or
-TrigFlow. sCM changes (MATH.md §2, Lu & Song 2024 §4.1): positional time embedding, adaptive double
-normalization, embedding and modulation in fp32 under autocast; attention has a JVP path
-(`sct.models.attention`). No BatchNorm: a sample never depends on the rest of its batch.
+Owns: `UNetConfig` (its own sub-config, checked by `check()`), `UNET_PRESETS`, `build_unet`, the layers.
+Layout of EDM2's UNet (Karras et al. 2024, NVlabs/edm2 networks_edm2.py): per level `num_blocks` encoder
+blocks, a down-sampling residual block between levels, two blocks at the lowest resolution (the first
+with attention), `num_blocks + 1` decoder blocks per level on concatenated skips, an up-sampling residual
+block between levels; attention inside the blocks at `attn_resolutions`, 64 channels a head.
+Kept from ADM/EDM instead of EDM2's magnitude-preserving layers, as the sCM models do: GroupNorm, biases,
+conditioning by modulation. sCM changes (MATH.md §2, Lu & Song 2024 §4.1): positional time embedding,
+adaptive double normalization (scale and shift: 2·C·E modulation weights a block, hence ~4% more
+parameters than EDM2's published sizes), embedding and modulation in fp32 under autocast; attention has
+JVP paths (`sct.models.attention`). No BatchNorm: a sample never depends on the rest of its batch.
 Zero-initialised output conv, residual-branch convs and attention projections: a fresh net outputs 0.
-Tests: `pytest tests/unit/test_unet.py`.
+Activation checkpointing (`checkpointing: true`) recomputes each block in the backward pass; it applies
+to the gradient-carrying forward only, never inside `forward_ad_mode()` or under no_grad.
+Tests: `pytest tests/unit/test_unet.py tests/unit/test_presets.py`.
 """
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from sct.config import ConfigError
-from sct.models.attention import attention
-from sct.models.embedding import FourierEmbedding, PositionalEmbedding
+from sct.models.attention import JVP_IMPLS, JVPAttention, attention, in_forward_ad_mode
+from sct.models.embedding import FourierEmbedding, PositionalEmbedding, WideLinear, wide_dtype
+
+
+def _edm2_latent(model_channels: int, dropout: float) -> dict[str, Any]:
+    """EDM2 img512 (64x64x4 SD-VAE latents, 1000 classes): channel_mult 1-2-3-4, 3 blocks, attention at 16 and 8."""
+    return dict(img_resolution=64, img_channels=4, label_dim=1000, model_channels=model_channels,
+                channel_mult=[1, 2, 3, 4], num_blocks=3, attn_resolutions=[16, 8], dropout=dropout,
+                time_embedding="positional", adaptive_double_norm=True)
+
+
+def _ict_pixels(**kw: Any) -> dict[str, Any]:
+    """iCT pixel models (Song & Dhariwal 2023): Fourier noise embedding of scale 0.02, dropout 0.3, AdaGN."""
+    return dict(dropout=0.3, time_embedding="fourier", fourier_scale=0.02, adaptive_double_norm=False, **kw)
+
+
+# Selected by `model.backbone: {name: unet, preset: NAME}`; explicit keys override the preset's (sct.config).
+# Parameter counts (tests/unit/test_presets.py): EDM2's published S 280M, M 498M, L 778M, XL 1.1B, XXL 1.5B + ~4%.
+UNET_PRESETS: dict[str, dict[str, Any]] = {
+    "edm2-s": _edm2_latent(192, 0.0),  # EDM2 dropout per size: s 0.00, m..xxl 0.10
+    "edm2-m": _edm2_latent(256, 0.1),
+    "edm2-l": _edm2_latent(320, 0.1),
+    "edm2-xl": _edm2_latent(384, 0.1),
+    "edm2-xxl": _edm2_latent(448, 0.1),
+    # CIFAR-10 32x32x3, unconditional: EDM's DDPM++ widths (128, mult 2-2-2, 4 blocks, attention at 16)
+    "ict-cifar10": _ict_pixels(img_resolution=32, img_channels=3, label_dim=0, model_channels=128,
+                               channel_mult=[2, 2, 2], num_blocks=4, attn_resolutions=[16]),
+    # ImageNet-64 64x64x3, 1000 classes: EDM's ADM widths (192, mult 1-2-3-4, 3 blocks, attention at 32, 16, 8)
+    "ict-imagenet64": _ict_pixels(img_resolution=64, img_channels=3, label_dim=1000, model_channels=192,
+                                  channel_mult=[1, 2, 3, 4], num_blocks=3, attn_resolutions=[32, 16, 8]),
+}
 
 
 @dataclass
 class UNetConfig:
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = UNET_PRESETS
     name: Literal["unet"] = "unet"
+    preset: str | None = None  # a UNET_PRESETS name; keys given beside it override the preset's values
     img_resolution: int = 32
     img_channels: int = 3
     label_dim: int = 0  # 0 = unconditional; labels are one-hot float [B, label_dim], a zero row = no label
@@ -37,6 +78,9 @@ class UNetConfig:
     time_embedding: Literal["positional", "fourier"] = "positional"  # sCM: positional; iCT: fourier
     fourier_scale: float = 16.0  # iCT uses 0.02 (MATH.md §1)
     adaptive_double_norm: bool = True  # sCM §4.1; False = plain AdaGN scale/shift
+    head_channels: int = 64  # channels per attention head (EDM2); one head if it does not divide the width
+    jvp_attention: JVPAttention = "auto"  # attention kernel under forward_ad_mode() (sct.models.attention)
+    checkpointing: bool = False  # activation checkpointing of every block in the gradient-carrying forward
 
     @property
     def num_groups(self) -> int:
@@ -50,6 +94,8 @@ class UNetConfig:
     def check(self) -> None:
         if self.name != "unet":
             raise ConfigError("name", f"must be 'unet', got {self.name!r}")
+        if self.preset is not None and self.preset not in UNET_PRESETS:
+            raise ConfigError("preset", f"unknown preset {self.preset!r} (valid presets: {', '.join(UNET_PRESETS)})")
         if self.img_channels < 1:
             raise ConfigError("img_channels", f"must be >= 1, got {self.img_channels}")
         if self.label_dim < 0:
@@ -74,24 +120,10 @@ class UNetConfig:
             raise ConfigError("time_embedding", f"must be 'positional' or 'fourier', got {self.time_embedding!r}")
         if self.time_embedding == "fourier" and not self.fourier_scale > 0:
             raise ConfigError("fourier_scale", f"must be > 0, got {self.fourier_scale}")
-
-
-# ---------------------------------------------------------------------------------------------------
-# fp32 islands: the conditioning path never runs in bf16/fp16, whatever the autocast or parameter dtype.
-
-def _wide_dtype(*ts: Tensor) -> torch.dtype:
-    """float64 if any input is float64 (tests), else float32."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
-
-
-class WideLinear(nn.Linear):
-    """nn.Linear computed in fp32 (fp64 if the weights are fp64), with autocast disabled."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        dt = _wide_dtype(self.weight)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            b = None if self.bias is None else self.bias.to(dt)
-            return F.linear(x.to(dt), self.weight.to(dt), b)
+        if self.head_channels < 1:
+            raise ConfigError("head_channels", f"must be >= 1, got {self.head_channels}")
+        if self.jvp_attention not in JVP_IMPLS:
+            raise ConfigError("jvp_attention", f"must be one of {JVP_IMPLS}, got {self.jvp_attention!r}")
 
 
 def pixel_norm(x: Tensor, eps: float = 1e-8) -> Tensor:
@@ -123,57 +155,76 @@ class Modulation(nn.Module):
             return h * scale_BC[:, :, None, None] + shift_BC[:, :, None, None]
 
 
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm in fp32 (fp64 for fp64 inputs) with autocast off, cast back to the input dtype (ADM's GroupNorm32).
+
+    Also works around autocast + forward AD: autocast's group_norm on a bf16 input returns a bf16 primal
+    with an fp32 tangent, and the next conv then fails on the dtype mismatch (torch 2.14, CPU).
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        dt = wide_dtype(x)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return F.group_norm(x.to(dt), self.num_groups, self.weight.to(dt), self.bias.to(dt), self.eps).to(x.dtype)
+
+
 def _zero(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         nn.init.zeros_(p)
     return module
 
 
-class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv3x3 -> Modulation(emb) -> SiLU-dropout-conv3x3 (zero-init), + skip, /√2 (EDM)."""
+class AttentionBlock(nn.Module):
+    """Multi-head self-attention over the H·W tokens: x + proj(attn(qkv(GroupNorm(x)))), proj zero-init."""
 
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, cfg: UNetConfig):
+    def __init__(self, channels: int, groups: int, head_dim: int = 64, jvp_impl: JVPAttention = "auto"):
         super().__init__()
-        self.norm1 = nn.GroupNorm(cfg.num_groups, in_ch)
+        self.heads = channels // head_dim if channels % head_dim == 0 else 1
+        self.jvp_impl = jvp_impl
+        self.norm = GroupNorm32(groups, channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = _zero(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, C, H, W = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W)
+        q, k, v = (t.transpose(-2, -1) for t in qkv.unbind(1))  # each [B, heads, L, d]
+        a_BHLD = attention(q, k, v, self.jvp_impl)
+        return x + self.proj(a_BHLD.transpose(-2, -1).reshape(B, C, H, W))
+
+
+def _resample(x: Tensor, mode: str) -> Tensor:
+    """EDM2's [1, 1] filter: 2x2 average pooling down, nearest-neighbour up."""
+    if mode == "down":
+        return F.avg_pool2d(x, 2)
+    if mode == "up":
+        return F.interpolate(x, scale_factor=2.0, mode="nearest")
+    return x
+
+
+class ResBlock(nn.Module):
+    """resample -> [GroupNorm-SiLU-conv3x3 -> Modulation(emb) -> SiLU-dropout-conv3x3 (zero-init)] + skip, /√2
+    (EDM) -> optional self-attention. `takes_skip`: a decoder block whose input is [h, encoder skip]."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, cfg: UNetConfig, resample: str = "keep",
+                 attn: bool = False, takes_skip: bool = False):
+        super().__init__()
+        self.resample, self.takes_skip = resample, takes_skip
+        self.norm1 = GroupNorm32(cfg.num_groups, in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.mod = Modulation(out_ch, emb_dim, cfg.num_groups, cfg.adaptive_double_norm)
         self.dropout = nn.Dropout(cfg.dropout)
         self.conv2 = _zero(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+        self.attn = AttentionBlock(out_ch, cfg.num_groups, cfg.head_channels, cfg.jvp_attention) if attn else None
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        x = _resample(x, self.resample)
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.mod(h, emb).to(h.dtype)
         h = self.conv2(self.dropout(F.silu(h)))
-        return (self.skip(x) + h) * math.sqrt(0.5)  # EDM skip scale
-
-
-class AttentionBlock(nn.Module):
-    """Multi-head self-attention over the H·W tokens: x + proj(attn(qkv(GroupNorm(x)))), proj zero-init."""
-
-    def __init__(self, channels: int, groups: int, head_dim: int = 64):
-        super().__init__()
-        self.heads = channels // head_dim if channels % head_dim == 0 else 1
-        self.norm = nn.GroupNorm(groups, channels)
-        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
-        self.proj = _zero(nn.Conv2d(channels, channels, 1))
-
-    def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
-        B, C, H, W = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W)
-        q, k, v = (t.transpose(-2, -1) for t in qkv.unbind(1))  # each [B, heads, L, d]
-        a_BHLD = attention(q, k, v)
-        return x + self.proj(a_BHLD.transpose(-2, -1).reshape(B, C, H, W))
-
-
-class Down(nn.Module):
-    def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
-        return F.avg_pool2d(x, 2)
-
-
-class Up(nn.Module):
-    def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
-        return F.interpolate(x, scale_factor=2.0, mode="nearest")
+        x = (self.skip(x) + h) * math.sqrt(0.5)  # EDM skip scale
+        return x if self.attn is None else self.attn(x)
 
 
 class UNet(nn.Module):
@@ -183,8 +234,9 @@ class UNet(nn.Module):
         super().__init__()
         cfg.check()
         self.cfg = cfg
-        mc, G = cfg.model_channels, cfg.num_groups
-        self.time_embedding_dim = E = 4 * mc
+        mc = cfg.model_channels
+        widths = [mc * m for m in cfg.channel_mult]
+        self.time_embedding_dim = E = 4 * mc  # ADM/EDM; equals EDM2's max(widths) for mult 1-2-3-4
         if cfg.time_embedding == "positional":
             self.map_noise: nn.Module = PositionalEmbedding(mc)
         else:
@@ -192,46 +244,41 @@ class UNet(nn.Module):
         self.map_layer0, self.map_layer1 = WideLinear(mc, E), WideLinear(E, E)
         self.map_label = WideLinear(cfg.label_dim, E, bias=False) if cfg.label_dim else None
 
-        # Encoder: skips are pushed after conv_in, after every block (+attn) and after every Down.
-        self.conv_in = nn.Conv2d(cfg.img_channels, mc, 3, padding=1)
+        # Encoder: a skip is kept after conv_in and after every block (down-sampling ones included).
+        self.conv_in = nn.Conv2d(cfg.img_channels, widths[0], 3, padding=1)
         self.enc = nn.ModuleList()
-        skip_ch, ch = [mc], mc
-        for level, mult in enumerate(cfg.channel_mult):
+        skip_ch, ch = [widths[0]], widths[0]
+        for level, width in enumerate(widths):
             res = cfg.img_resolution >> level
             if level > 0:
-                self.enc.append(Down())
+                self.enc.append(ResBlock(ch, ch, E, cfg, resample="down"))
                 skip_ch.append(ch)
             for _ in range(cfg.num_blocks):
-                stage = nn.ModuleList([ResBlock(ch, mc * mult, E, cfg)])
-                ch = mc * mult
-                if res in cfg.attn_resolutions:
-                    stage.append(AttentionBlock(ch, G))
-                self.enc.append(stage)
+                self.enc.append(ResBlock(ch, width, E, cfg, attn=res in cfg.attn_resolutions))
+                ch = width
                 skip_ch.append(ch)
 
-        # Middle (EDM/ADM): block, attention, block at the lowest resolution.
-        self.mid = nn.ModuleList([ResBlock(ch, ch, E, cfg), AttentionBlock(ch, G), ResBlock(ch, ch, E, cfg)])
+        # Lowest resolution (EDM2's dec in0/in1): a block with attention, then a plain one.
+        self.mid = nn.ModuleList([ResBlock(ch, ch, E, cfg, attn=True), ResBlock(ch, ch, E, cfg)])
 
-        # Decoder: num_blocks + 1 blocks a level, each consuming one skip (concatenated).
+        # Decoder: num_blocks + 1 blocks a level, each consuming one skip; an up-sampling block between levels.
         self.dec = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+        for level, width in reversed(list(enumerate(widths))):
             res = cfg.img_resolution >> level
+            if level < len(widths) - 1:
+                self.dec.append(ResBlock(ch, ch, E, cfg, resample="up"))
             for _ in range(cfg.num_blocks + 1):
-                stage = nn.ModuleList([ResBlock(ch + skip_ch.pop(), mc * mult, E, cfg)])
-                ch = mc * mult
-                if res in cfg.attn_resolutions:
-                    stage.append(AttentionBlock(ch, G))
-                self.dec.append(stage)
-            if level > 0:
-                self.dec.append(Up())
+                self.dec.append(ResBlock(ch + skip_ch.pop(), width, E, cfg, attn=res in cfg.attn_resolutions,
+                                         takes_skip=True))
+                ch = width
         assert not skip_ch
 
-        self.out_norm = nn.GroupNorm(G, ch)
+        self.out_norm = GroupNorm32(cfg.num_groups, ch)
         self.out_conv = _zero(nn.Conv2d(ch, cfg.img_channels, 3, padding=1))
 
     def embed(self, noise_labels: Tensor, class_labels: Tensor | None = None) -> Tensor:
         """Conditioning vector emb [B, time_embedding_dim], always computed in fp32 (fp64 for an fp64 net)."""
-        dt = _wide_dtype(self.map_layer0.weight)
+        dt = wide_dtype(self.map_layer0.weight)
         with torch.autocast(device_type=noise_labels.device.type, enabled=False):
             emb = self.map_noise(noise_labels.to(dt).reshape(-1))
             emb = self.map_layer1(F.silu(self.map_layer0(emb)))  # Linear-SiLU-Linear
@@ -243,22 +290,26 @@ class UNet(nn.Module):
 
     def forward(self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None = None) -> Tensor:
         emb = self.embed(noise_labels, class_labels)
+        run = block_runner(self.cfg.checkpointing)
         h = self.conv_in(x)
         skips = [h]
-        for stage in self.enc:
-            h = _run(stage, h, emb)
+        for block in self.enc:
+            h = run(block, h, emb)
             skips.append(h)
-        h = _run(self.mid, h, emb)
-        for stage in self.dec:
-            h = _run(stage, h if isinstance(stage, Up) else torch.cat([h, skips.pop()], dim=1), emb)
+        for block in self.mid:
+            h = run(block, h, emb)
+        for block in self.dec:
+            h = run(block, torch.cat([h, skips.pop()], dim=1) if block.takes_skip else h, emb)
         out = self.out_conv(F.silu(self.out_norm(h)))
         return out.to(x.dtype)
 
 
-def _run(stage: nn.Module, h: Tensor, emb: Tensor) -> Tensor:
-    for layer in stage if isinstance(stage, nn.ModuleList) else [stage]:
-        h = layer(h, emb)
-    return h
+def block_runner(checkpointing: bool) -> Callable[..., Tensor]:
+    """`run(block, *args)`: checkpointed (recomputed in backward, RNG and dropout replayed) when enabled and
+    the forward carries gradients; plain under no_grad and always inside forward_ad_mode() (the JVP)."""
+    if checkpointing and torch.is_grad_enabled() and not in_forward_ad_mode():
+        return functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+    return lambda block, *args: block(*args)
 
 
 def build_unet(cfg: UNetConfig) -> UNet:

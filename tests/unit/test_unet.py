@@ -162,7 +162,8 @@ def test_attention_paths_agree_and_flag_is_thread_local():
         with forward_ad_mode():
             assert in_forward_ad_mode()
         assert in_forward_ad_mode()  # nesting: the inner exit keeps the outer flag
-        torch.testing.assert_close(attention(q, k, v), math_attention(q, k, v), rtol=0, atol=0)
+        torch.testing.assert_close(attention(q, k, v, "math"), math_attention(q, k, v), rtol=0, atol=0)
+        torch.testing.assert_close(attention(q, k, v), math_attention(q, k, v), rtol=1e-5, atol=1e-6)  # chunked
         th = threading.Thread(target=lambda: seen.append(in_forward_ad_mode()))
         th.start()
         th.join()
@@ -220,3 +221,24 @@ def test_gradient_reaches_every_parameter():
     net(x, t, y).square().sum().backward()
     silent = [n for n, p in net.named_parameters() if p.grad is None or p.grad.abs().max() == 0]
     assert not silent, silent
+
+
+def test_checkpointing_gives_the_same_gradients_and_is_off_inside_the_jvp(monkeypatch):
+    x, t, y = inputs()
+    grads = []
+    for checkpointing in (False, True):
+        net = tiny(dropout=0.2, checkpointing=checkpointing)
+        randomize_(net)
+        torch.manual_seed(5)
+        net(x, t, y).square().sum().backward()
+        grads.append([p.grad for p in net.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    calls = []
+    real = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad(), forward_ad_mode():
+        torch.func.jvp(lambda a: net(a, t, y), (x,), (x,))
+    assert not calls
+    net(x, t, y)
+    assert calls  # the gradient-carrying forward checkpoints
