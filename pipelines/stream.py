@@ -290,7 +290,8 @@ class ShardStream:
         if self.cfg.worker_start == "forkserver":
             context.set_forkserver_preload(["pipelines.stream"])  # imported once in the server, not per worker
         loader = DataLoader(ds, batch_size=None, num_workers=self.workers, prefetch_factor=self.cfg.prefetch_factor,
-                            pin_memory=torch.cuda.is_available(), multiprocessing_context=context)
+                            pin_memory=torch.cuda.is_available(), multiprocessing_context=context,
+                            generator=torch.Generator().manual_seed(self.cfg.seed))  # not the global RNG: the loop seeds it per step
         return iter(loader)
 
     def __iter__(self):
