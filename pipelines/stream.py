@@ -93,6 +93,12 @@ def shard_num_classes(cfg: ShardDataConfig) -> int:
     return int(manifest_of(cfg).get("num_classes", 0)) if cfg.class_conditional else 0
 
 
+def normalization(stats: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, scale) per channel, shaped [C, 1, 1]: x = (z - mean) * scale with scale = sigma_data / std (EDM2)."""
+    mean, std = np.asarray(stats["mean"], np.float32), np.asarray(stats["std"], np.float32)
+    return mean[:, None, None], (stats.get("sigma_data", SIGMA_DATA) / std)[:, None, None]
+
+
 def _rng(*parts: int) -> random.Random:
     return random.Random(int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little"))
 
@@ -155,10 +161,8 @@ class SlotReader:
         self.first_id = np.concatenate([[0], np.cumsum([s["samples"] for s in self.shards])]).tolist()
         self.counters = {"retries": 0, "bad_shards": 0, "skipped_samples": 0}
         self.bad: dict[str, str] = {}  # shard name -> reason
-        stats = manifest.get("stats")
         if manifest["kind"] == "latents":
-            mean, std = np.asarray(stats["mean"], np.float32), np.asarray(stats["std"], np.float32)
-            self.bias, self.scale = mean[:, None, None], (SIGMA_DATA / std)[:, None, None]
+            self.bias, self.scale = normalization(manifest["stats"])
 
     def plan(self, epoch: int) -> tuple[list[int], list[int]]:
         """(shard ids, output order over the slot's local sample indices) of an epoch."""
