@@ -15,7 +15,8 @@ emitted and resumes by fetching only the shards that still hold unemitted sample
 the main process in round-robin order (DataLoader's in-order delivery), and the main process records each
 worker's position with every batch it hands out, so prefetched-but-unused batches never count.
 
-Faults: shards are read whole through webdataset's gopen (fsspec, in-process) with retries and backoff on
+Faults: shards are read whole (keep them to a few hundred MB: each worker holds one plus the shuffle buffer)
+through webdataset's gopen (fsspec, in-process) with retries and backoff on
 transient errors (counted); a missing, truncated or corrupt shard (size/sha256 differ from the manifest) is
 skipped, logged and counted, and the stream raises once more than `max_bad_shards` distinct shards failed.
 Tests: tests/integration/test_stream.py (real moto S3 server on loopback).

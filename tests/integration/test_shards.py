@@ -79,6 +79,9 @@ def test_demo_trains_from_shards_on_loopback_s3(s3_server, tmp_path):
     manifest = shards.read_manifest(url)
     assert manifest["shape"] == [1, 16, 16] and manifest["num_classes"] == 10 and manifest["total_samples"] == 1797
     assert s3.filesystem(url)[0].exists(url + "/shard-000005.tar")
+    import webdataset as wds  # plain WebDataset reads s3:// through the registered fsspec opener too
+
+    assert len(list(wds.WebDataset([url + "/shard-000005.tar"], shardshuffle=False, nodesplitter=wds.split_by_node))) == 297
     data = f"data={{name: shards, url: '{url}', num_workers: 2}}"
     assert train.main(DEMO + [data, "run.total_steps=3", f"run.dir={tmp_path / 'run'}"]) == 0
     assert len(losses(tmp_path / "run")) == 3
