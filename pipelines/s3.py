@@ -107,22 +107,11 @@ def with_retries(fn, what: str, budget_s: float, counters: dict | None = None, f
             delay = min(2 * delay, max_delay_s)
 
 
-def _forget_connections(url: str) -> None:
-    """Drop cached listings so a retry after an endpoint restart starts clean."""
-    fs, _ = filesystem(url)
-    fs.invalidate_cache()
-
-
 def read_bytes(url: str, budget_s: float = 60.0, counters: dict | None = None) -> bytes:
     """The whole object at `url` (one GET through webdataset's gopen), retried on transient errors."""
     def get() -> bytes:
-        try:
-            with wds.gopen(url, "rb") as f:
-                return f.read()
-        except Exception:
-            if not is_local(url):
-                _forget_connections(url)
-            raise
+        with wds.gopen(url, "rb") as f:
+            return f.read()
     return with_retries(get, f"reading {url}", budget_s, counters)
 
 
