@@ -11,7 +11,7 @@ from pathlib import Path
 
 from torch import nn
 
-from pipelines import ArrayDataConfig, ShardDataConfig, data_shape, num_classes
+from pipelines.data import ArrayDataConfig, ShardDataConfig, data_shape, num_classes
 from sct.checkpoint import load_snapshot
 from sct.config import ConfigError, from_dict, to_dict
 from sct.ema import EMAConfig

@@ -17,7 +17,7 @@ import torch
 from loguru import logger
 from torch import nn
 
-from pipelines import build_stream, data_shape, num_classes
+from pipelines.data import build_stream, data_shape, num_classes
 from sct import loop, stats
 from sct.config import ConfigError, parse_cli, save_yaml, to_yaml
 from sct.ema import EMA
