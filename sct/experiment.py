@@ -11,7 +11,7 @@ from pathlib import Path
 
 from torch import nn
 
-from pipelines.arrays import ArrayDataConfig, data_shape, num_classes
+from pipelines.data import ArrayDataConfig, ShardDataConfig, data_shape, num_classes
 from sct.checkpoint import load_snapshot
 from sct.config import ConfigError, from_dict, to_dict
 from sct.ema import EMAConfig
@@ -39,7 +39,7 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     run: LoopConfig = field(default_factory=LoopConfig)
-    data: ArrayDataConfig = field(default_factory=ArrayDataConfig)
+    data: ArrayDataConfig | ShardDataConfig = field(default_factory=ArrayDataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: SCTConfig | SCDConfig | ICTConfig | DiffusionConfig = field(default_factory=SCTConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)

@@ -17,7 +17,7 @@ import torch
 from loguru import logger
 from torch import nn
 
-from pipelines.arrays import ArrayStream, data_shape, load_arrays, num_classes
+from pipelines.data import build_stream, data_shape, num_classes
 from sct import loop, stats
 from sct.config import ConfigError, parse_cli, save_yaml, to_yaml
 from sct.ema import EMA
@@ -65,8 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     logger.info(f"{cfg.objective.name}: backbone {cfg.model.backbone.name} with {count_parameters(net.backbone):,} parameters on {device}")
     module = nn.ModuleDict({"net": net, "objective": objective})
     engine = TorchEngine(module, build_optimizer(cfg.optimizer, module.parameters()), cfg.optimizer.grad_clip, cfg.run.grad_accum)
-    x, labels = load_arrays(cfg.data)
-    data = ArrayStream(x, labels, cfg.run.batch_size // cfg.run.grad_accum, seed=cfg.data.seed)
+    data = build_stream(cfg.data, cfg.run.batch_size // cfg.run.grad_accum)
     parts = loop.Parts(
         net=net,
         objective=objective,

@@ -1,0 +1,340 @@
+"""The streaming reader sct.train uses for shard datasets: WebDataset tars on local disk or S3, split by rank
+and DataLoader worker, shuffled through a buffer, infinite epochs, and a small exactly resumable state.
+
+    cfg = ShardDataConfig(url="s3://bucket/latents", num_workers=2)
+    stream = ShardStream(cfg, read_manifest(cfg.url), batch_size=32, rank=r, world_size=w)
+    batch = next(stream)            # {"x": float [B, ...], "labels": one-hot [B, classes]} (labels if conditional)
+    state = stream.state_dict()     # {"batches": n, "workers": [[epoch, position], ...], "fingerprint": {...}}
+    stream.load_state_dict(state)   # the next batches are exactly those an uninterrupted stream would give
+
+Order (all pure functions of seed, epoch, slot, so the state is a few integers): the W ranks x K workers are
+W*K reader slots; in each epoch the shards are permuted (seed, epoch) and slot s reads shards s, s+W*K, ...
+so every sample is read once per epoch. Within a slot, samples pass a shuffle buffer whose pick sequence is
+simulated on indices first (`buffer_order`); a slot at (epoch, position) therefore knows which samples it has
+emitted and resumes by fetching only the shards that still hold unemitted samples. Worker k's batches reach
+the main process in round-robin order (DataLoader's in-order delivery), and the main process records each
+worker's position with every batch it hands out, so prefetched-but-unused batches never count.
+
+Faults: shards are read whole (keep them to a few hundred MB: each worker holds one plus the shuffle buffer)
+through webdataset's gopen (fsspec, in-process) with retries and backoff on
+transient errors (counted); a missing, truncated or corrupt shard (size/sha256 differ from the manifest) is
+skipped, logged and counted, and the stream raises once more than `max_bad_shards` distinct shards failed.
+Tests: tests/integration/test_stream.py (real moto S3 server on loopback).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import random
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import webdataset as wds
+from loguru import logger
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipelines import s3
+from pipelines.shards import npy_load, read_manifest
+from sct.config import ConfigError
+
+s3.register_gopen()
+_MANIFESTS: dict[str, dict] = {}
+SIGMA_DATA = 0.5  # EDM2's latent normalization target
+ENV_PREFIXES = ("AWS_", "GOOGLE_", "AZURE_", "FSSPEC_")
+
+
+@dataclass
+class ShardDataConfig:
+    name: Literal["shards"] = "shards"
+    url: str = ""  # folder or fsspec URL (s3://bucket/prefix) holding manifest.json and the shards
+    class_conditional: bool = True
+    seed: int = 0
+    num_workers: int = 2  # DataLoader worker processes per rank (0: read in the training process)
+    prefetch_factor: int = 4  # batches each worker keeps ready
+    shuffle_buffer: int = 1000  # samples; 1 keeps shard order
+    shuffle_shards: bool = True  # permute shards across readers every epoch
+    flip: bool = True  # latent datasets with stored flips: use the flipped latent for half the samples
+    retry_seconds: float = 300.0  # how long transient storage errors are retried before the run stops
+    max_bad_shards: int = 0  # distinct unreadable shards tolerated before the stream raises
+    # forkserver: workers start from a clean process, not a copy of the trainer (its sockets, threads, CUDA state)
+    worker_start: Literal["forkserver", "spawn", "fork"] = "forkserver"
+
+    def check(self) -> None:
+        if not self.url:
+            raise ConfigError("url", "set the folder or URL of a shard dataset (with manifest.json)")
+        for key in ("num_workers", "max_bad_shards"):
+            if getattr(self, key) < 0:
+                raise ConfigError(key, f"must be >= 0, got {getattr(self, key)}")
+        for key in ("prefetch_factor", "shuffle_buffer"):
+            if getattr(self, key) < 1:
+                raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
+        kind = manifest_of(self)["kind"]
+        if kind not in ("arrays", "latents"):
+            raise ConfigError("url", f"{self.url} holds {kind} shards: encode images to latents first (python -m pipelines.encode)")
+
+
+def manifest_of(cfg: ShardDataConfig) -> dict:
+    """The dataset's manifest, read once per process; unreadable -> ConfigError naming the cause."""
+    if cfg.url not in _MANIFESTS:
+        try:
+            _MANIFESTS[cfg.url] = read_manifest(cfg.url)
+        except (s3.StorageError, ValueError) as e:
+            raise ConfigError("url", str(e)) from None
+    return _MANIFESTS[cfg.url]
+
+
+def shard_data_shape(cfg: ShardDataConfig) -> tuple[int, ...]:
+    return tuple(manifest_of(cfg)["shape"])
+
+
+def shard_num_classes(cfg: ShardDataConfig) -> int:
+    return int(manifest_of(cfg).get("num_classes", 0)) if cfg.class_conditional else 0
+
+
+def normalization(stats: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, scale) per channel, shaped [C, 1, 1]: x = (z - mean) * scale with scale = sigma_data / std (EDM2)."""
+    mean, std = np.asarray(stats["mean"], np.float32), np.asarray(stats["std"], np.float32)
+    return mean[:, None, None], (stats.get("sigma_data", SIGMA_DATA) / std)[:, None, None]
+
+
+def _rng(*parts: int) -> random.Random:
+    return random.Random(int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little"))
+
+
+def slot_shards(num_shards: int, slots: int, slot: int, epoch: int, seed: int, shuffle: bool) -> list[int]:
+    """Shard ids slot `slot` reads in `epoch`: every slots-th of the epoch's shard permutation."""
+    order = list(range(num_shards))
+    if shuffle:
+        _rng(seed, epoch, "shards").shuffle(order)
+    return order[slot::slots]
+
+
+def buffer_order(n: int, size: int, rng: random.Random) -> list[int]:
+    """Output order of a shuffle buffer of `size` fed inputs 0..n-1: full buffer -> emit a uniform pick."""
+    buffer, out = [], []
+    for i in range(n):
+        buffer.append(i)
+        if len(buffer) >= size:
+            j = rng.randrange(len(buffer))
+            buffer[j], buffer[-1] = buffer[-1], buffer[j]
+            out.append(buffer.pop())
+    while buffer:
+        j = rng.randrange(len(buffer))
+        buffer[j], buffer[-1] = buffer[-1], buffer[j]
+        out.append(buffer.pop())
+    return out
+
+
+class BadShard(Exception):
+    pass
+
+
+class TooManyBadShards(RuntimeError):
+    pass
+
+
+def fetch_shard(url: str, entry: dict, budget_s: float, counters: dict) -> list[dict]:
+    """The samples of one shard, verified against the manifest's size and sha256; BadShard if it cannot be used."""
+    try:
+        data = s3.read_bytes(url, budget_s, counters)
+    except FileNotFoundError:
+        raise BadShard("missing") from None
+    if len(data) != entry["bytes"]:
+        raise BadShard(f"{len(data)} bytes, manifest says {entry['bytes']} (truncated?)")
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise BadShard("sha256 differs from the manifest (corrupt)")
+    files = (dict(f, __url__=url) for f in wds.tariterators.tar_file_iterator(io.BytesIO(data)))
+    samples = list(wds.tariterators.group_by_keys(files))
+    if len(samples) != entry["samples"]:
+        raise BadShard(f"{len(samples)} samples, manifest says {entry['samples']}")
+    return samples
+
+
+class SlotReader:
+    """One reader slot's infinite sample sequence, from any (epoch, position) on. Runs inside a worker."""
+
+    def __init__(self, cfg: ShardDataConfig, manifest: dict, slot: int, slots: int):
+        self.cfg, self.manifest, self.slot, self.slots = cfg, manifest, slot, slots
+        self.shards = manifest["shards"]
+        self.first_id = np.concatenate([[0], np.cumsum([s["samples"] for s in self.shards])]).tolist()
+        self.counters = {"retries": 0, "bad_shards": 0, "skipped_samples": 0}
+        self.bad: dict[str, str] = {}  # shard name -> reason
+        if manifest["kind"] == "latents":
+            self.bias, self.scale = normalization(manifest["stats"])
+
+    def plan(self, epoch: int) -> tuple[list[int], list[int]]:
+        """(shard ids, output order over the slot's local sample indices) of an epoch."""
+        ids = slot_shards(len(self.shards), self.slots, self.slot, epoch, self.cfg.seed, self.cfg.shuffle_shards)
+        n = sum(self.shards[i]["samples"] for i in ids)
+        return ids, buffer_order(n, self.cfg.shuffle_buffer, _rng(self.cfg.seed, epoch, self.slot, "buffer"))
+
+    def _read(self, ids: list[int], need: set[int]):
+        """(local index, sample) for shards holding a needed index; (start, count, None) for a bad shard."""
+        start = 0
+        for sid in ids:
+            entry = self.shards[sid]
+            count = entry["samples"]
+            if any(start + j in need for j in range(count)):
+                try:
+                    samples = fetch_shard(s3.join(self.cfg.url, entry["name"]), entry, self.cfg.retry_seconds, self.counters)
+                except BadShard as e:
+                    self._bad_shard(entry["name"], str(e), count)
+                    yield start, count, None
+                else:
+                    for j, sample in enumerate(samples):
+                        yield start + j, sample, self.first_id[sid] + j
+            start += count
+
+    def _bad_shard(self, name: str, reason: str, count: int) -> None:
+        self.counters["skipped_samples"] += count
+        if name not in self.bad:
+            self.bad[name] = reason
+            self.counters["bad_shards"] = len(self.bad)
+            logger.warning(f"data: skipping shard {s3.join(self.cfg.url, name)}: {reason} ({len(self.bad)} bad so far)")
+        if len(self.bad) > self.cfg.max_bad_shards:
+            raise TooManyBadShards(f"{len(self.bad)} unreadable shards in {self.cfg.url}, more than data.max_bad_shards={self.cfg.max_bad_shards}: {self.bad}")
+
+    def samples(self, epoch: int, position: int):
+        """Yields (epoch, position after this sample, global id, fields) forever."""
+        while True:
+            ids, order = self.plan(epoch)
+            need = set(order[position:])
+            held, missing, emitted = {}, set(), 0
+            reader = self._read(ids, need)
+            for k in range(position, len(order)):
+                target = order[k]
+                while target not in held and target not in missing:
+                    start, sample, gid = next(reader)
+                    if gid is None:  # a bad shard: `sample` is its sample count
+                        missing.update(range(start, start + sample))
+                    elif start in need:
+                        held[start] = (gid, sample)
+                if target in held:
+                    gid, sample = held.pop(target)
+                    emitted += 1
+                    yield epoch, k + 1, gid, sample
+            if emitted == 0 and position == 0:
+                raise TooManyBadShards(f"reader slot {self.slot}: no readable shard in epoch {epoch}: {self.bad}")
+            epoch, position = epoch + 1, 0
+
+    def decode(self, fields: dict, epoch: int, gid: int) -> tuple[np.ndarray, int]:
+        if "x.npy" in fields:
+            x = npy_load(fields["x.npy"]).astype(np.float32)
+        else:  # latents: the stored flip for half the samples, a pure function of (seed, epoch, id)
+            flip = self.cfg.flip and "latent_flip.npy" in fields and _rng(self.cfg.seed, epoch, gid, "flip").random() < 0.5
+            raw = npy_load(fields["latent_flip.npy" if flip else "latent.npy"]).astype(np.float32)
+            x = (raw - self.bias) * self.scale  # EDM2: per-channel (z - mean) * sigma_data / std
+        return x, int(fields["cls"]) if "cls" in fields else -1
+
+
+class _Slots(IterableDataset):
+    """The DataLoader's dataset: physical worker i plays logical worker (i + rotation) % K from its position."""
+
+    def __init__(self, cfg, manifest, batch_size, rank, world_size, workers, positions, rotation, classes, return_ids):
+        self.cfg, self.manifest, self.batch_size, self.rank, self.workers = cfg, manifest, batch_size, rank, workers
+        self.slots = world_size * workers
+        # a forkserver keeps the environment of its own start: carry this process's storage settings over
+        self.env = {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES)}
+        self.positions, self.rotation, self.classes, self.return_ids = positions, rotation, classes, return_ids
+
+    def __iter__(self):
+        for k in [k for k in os.environ if k.startswith(ENV_PREFIXES)]:
+            del os.environ[k]
+        os.environ.update(self.env)
+        info = get_worker_info()
+        logical = ((info.id if info else 0) + self.rotation) % self.workers
+        reader = SlotReader(self.cfg, self.manifest, self.rank * self.workers + logical, self.slots)
+        samples = reader.samples(*self.positions[logical])
+        while True:
+            xs, labels, ids, epochs = [], [], [], []
+            for epoch, position, gid, fields in samples:
+                x, label = reader.decode(fields, epoch, gid)
+                xs.append(x), labels.append(label), ids.append(gid), epochs.append(epoch)
+                if len(xs) == self.batch_size:
+                    break
+            batch = {"x": torch.from_numpy(np.stack(xs))}
+            if self.classes:
+                batch["labels"] = torch.nn.functional.one_hot(torch.tensor(labels), self.classes).float()
+            if self.return_ids:
+                batch["ids"], batch["epochs"] = torch.tensor(ids), torch.tensor(epochs)
+            batch["_state"] = {"worker": logical, "position": [epoch, position], **reader.counters, "bad": dict(reader.bad)}
+            yield batch
+
+
+class ShardStream:
+    """Batches for one rank; `state_dict()` is the position of each of its K workers plus batches handed out."""
+
+    def __init__(self, cfg: ShardDataConfig, manifest: dict, batch_size: int, rank: int = 0, world_size: int = 1, return_ids: bool = False):
+        self.cfg, self.manifest, self.batch_size, self.rank, self.world_size = cfg, manifest, batch_size, rank, world_size
+        self.workers = max(cfg.num_workers, 1)
+        self.classes = int(manifest.get("num_classes", 0)) if cfg.class_conditional else 0
+        self.return_ids = return_ids
+        slots = world_size * self.workers
+        if len(manifest["shards"]) < slots:
+            raise ConfigError("data.num_workers", f"{cfg.url} has {len(manifest['shards'])} shards, fewer than the {world_size} ranks x {self.workers} workers reading them: write smaller shards or use fewer workers")
+        self.batches, self.positions = 0, [[0, 0] for _ in range(self.workers)]
+        self.counters: dict[str, int] = {}
+        self.bad: dict[str, str] = {}
+        self._per_worker: dict[int, dict] = {}
+        self._it = None
+
+    def fingerprint(self) -> dict:
+        shards = hashlib.sha256("".join(s["sha256"] for s in self.manifest["shards"]).encode()).hexdigest()[:16]
+        return {"world_size": self.world_size, "workers": self.workers, "batch_size": self.batch_size, "seed": self.cfg.seed,
+                "shuffle_buffer": self.cfg.shuffle_buffer, "shuffle_shards": self.cfg.shuffle_shards, "shards": shards}
+
+    def _start(self):
+        ds = _Slots(self.cfg, self.manifest, self.batch_size, self.rank, self.world_size, self.workers, [list(p) for p in self.positions],
+                    self.batches % self.workers, self.classes, self.return_ids)
+        if self.cfg.num_workers == 0:
+            return iter(ds)
+        context = torch.multiprocessing.get_context(self.cfg.worker_start)
+        if self.cfg.worker_start == "forkserver":
+            context.set_forkserver_preload(["pipelines.stream"])  # imported once in the server, not per worker
+        loader = DataLoader(ds, batch_size=None, num_workers=self.workers, prefetch_factor=self.cfg.prefetch_factor,
+                            pin_memory=torch.cuda.is_available(), multiprocessing_context=context,
+                            generator=torch.Generator().manual_seed(self.cfg.seed))  # not the global RNG: the loop seeds it per step
+        return iter(loader)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._it is None:
+            self._it = self._start()
+        batch = next(self._it)
+        info = batch.pop("_state")
+        worker = int(info["worker"])
+        assert worker == self.batches % self.workers, "DataLoader delivered batches out of order"
+        self.positions[worker] = [int(v) for v in info["position"]]
+        self.batches += 1
+        self._account(worker, info)
+        return batch
+
+    def _account(self, worker: int, info: dict) -> None:
+        """Sum the workers' counters; log changes; raise past max_bad_shards (distinct shards over all workers)."""
+        before = dict(self.counters)
+        self._per_worker[worker] = {k: int(info[k]) for k in ("retries", "bad_shards", "skipped_samples")}
+        self.counters = {k: sum(w[k] for w in self._per_worker.values()) for k in ("retries", "skipped_samples")}
+        self.bad.update(info["bad"])
+        self.counters["bad_shards"] = len(self.bad)
+        if self.counters != before:
+            logger.info(f"data (rank {self.rank}): {self.counters}")
+        if len(self.bad) > self.cfg.max_bad_shards:
+            raise TooManyBadShards(f"{len(self.bad)} unreadable shards in {self.cfg.url}, more than data.max_bad_shards={self.cfg.max_bad_shards}: {self.bad}")
+
+    def state_dict(self) -> dict:
+        return {"batches": self.batches, "workers": [list(p) for p in self.positions], "fingerprint": self.fingerprint()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("fingerprint") != self.fingerprint():
+            raise ValueError(f"the data state was saved by a different stream ({state.get('fingerprint')}); this one is {self.fingerprint()}: "
+                             "exact resume needs the same dataset, seed, batch size, ranks and data.num_workers")
+        self.close()
+        self.batches, self.positions = int(state["batches"]), [list(map(int, p)) for p in state["workers"]]
+
+    def close(self) -> None:
+        self._it = None  # the DataLoader iterator shuts its workers down when collected

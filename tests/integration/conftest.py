@@ -1,0 +1,67 @@
+"""A real S3 endpoint on loopback for the data-pipeline tests: moto's HTTP server in a thread of the test
+process (ENVIRONMENT.md). Its object store lives in this process, so `restart()` on the same port keeps the
+shards, like a real S3 outage; DataLoader workers (forked) reach it over HTTP like any client.
+
+    def test_x(s3_server):
+        url = s3_server.bucket_url()      # a fresh bucket: s3://b-<hex>
+        s3_server.stop(); s3_server.start()
+"""
+from __future__ import annotations
+
+import logging
+import urllib.request
+import uuid
+
+import pytest
+
+
+class LoopbackS3:
+    def __init__(self):
+        self.port = 0
+        self.server = None
+
+    def start(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+        self.port = self.server.get_host_and_port()[1]  # port=0 picks one; restarts reuse it
+
+    def stop(self) -> None:
+        if self.server is not None:
+            wsgi = self.server._server
+            self.server.stop()
+            wsgi.server_close()  # stop() leaves the socket listening (connections would hang): release the port
+            self.server = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def bucket_url(self) -> str:
+        from pipelines import s3
+
+        name = f"b-{uuid.uuid4().hex[:12]}"
+        fs, _ = s3.filesystem(f"s3://{name}")
+        fs.mkdir(name)
+        return f"s3://{name}"
+
+    def require_auth(self, on: bool) -> None:
+        """moto's admin API: from now on, reject access keys it did not issue (or accept any again)."""
+        body = b"0" if on else b"inf"
+        urllib.request.urlopen(urllib.request.Request(f"{self.endpoint}/moto-api/reset-auth", data=body, method="POST",
+                                                      headers={"Content-Type": "text/plain"}), timeout=10).read()
+
+
+@pytest.fixture
+def s3_server(monkeypatch):
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = LoopbackS3()
+    server.start()
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", server.endpoint)
+    yield server
+    server.stop()

@@ -1,0 +1,70 @@
+"""Latent encoding with a tiny randomly initialized diffusers AutoencoderKL (no weights exist offline):
+the stored latents are the VAE's posterior means of the center-cropped (and flipped) images, the manifest's
+per-channel statistics are those of the stored values, the stream normalizes with them and `decode` inverts."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines import encode, shards
+from pipelines.stream import ShardDataConfig, ShardStream, fetch_shard
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4, norm_num_groups=8)
+    path = tmp_path_factory.mktemp("vae")
+    vae.save_pretrained(path)
+    return path
+
+
+def test_center_crop_matches_the_dhariwal_recipe():
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (70, 50, 3), np.uint8))  # 50 wide, 70 high
+    out = encode.center_crop(image, 20)  # 50 >= 40: box-halve to 25x35, bicubic to 20x28, crop rows 4..24
+    ref = np.asarray(image.resize((25, 35), Image.BOX).resize((20, 28), Image.BICUBIC))[4:24]
+    assert out.shape == (20, 20, 3) and np.array_equal(out, ref)
+
+
+def test_encode_stores_posterior_means_and_statistics_that_the_stream_and_decode_use(tmp_path, vae_dir):
+    rng = np.random.default_rng(1)
+    for c in ("a", "b"):
+        (tmp_path / "img" / c).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(rng.integers(0, 255, (20 + 3 * i, 17 + i, 3), np.uint8)).save(tmp_path / "img" / c / f"{i}.png")
+    images, latents = str(tmp_path / "images"), str(tmp_path / "latents")
+    assert shards.main(["images", "--folder", str(tmp_path / "img"), "--out", images, "--shard-size", "4"]) == 0
+    assert encode.main(["--images", images, "--out", latents, "--vae", str(vae_dir), "--resolution", "16",
+                        "--flip", "--batch-size", "3", "--shard-size", "2"]) == 0
+    manifest = shards.read_manifest(latents)
+    assert manifest["kind"] == "latents" and manifest["shape"] == [4, 8, 8] and manifest["total_samples"] == 10
+    stored = [s for e in manifest["shards"] for s in fetch_shard(f"{latents}/{e['name']}", e, 5, {})]
+    z = np.stack([shards.npy_load(s["latent.npy"]) for s in stored])
+    zf = np.stack([shards.npy_load(s["latent_flip.npy"]) for s in stored])
+    assert z.dtype == np.float16 and [int(s["cls"]) for s in stored] == [0] * 5 + [1] * 5
+
+    vae = encode.load_vae(str(vae_dir))
+    files = sorted((tmp_path / "img").rglob("*.png"))
+    pixels = encode.to_pixels([encode.center_crop(Image.open(f), 16) for f in files])
+    assert np.allclose(z, vae.encode(pixels).latent_dist.mean.numpy(), atol=2e-3)
+    assert np.allclose(zf, vae.encode(pixels.flip(3)).latent_dist.mean.numpy(), atol=2e-3)
+    both = np.concatenate([z, zf]).astype(np.float64)
+    assert np.allclose(manifest["stats"]["mean"], both.mean(axis=(0, 2, 3)), atol=1e-9)
+    assert np.allclose(manifest["stats"]["std"], both.std(axis=(0, 2, 3)), atol=1e-9)
+
+    cfg = ShardDataConfig(url=latents, num_workers=0, shuffle_buffer=1, shuffle_shards=False)
+    batch = next(ShardStream(cfg, manifest, 10, return_ids=True))
+    mean, scale = encode.normalization(manifest["stats"])
+    plain, flipped = (z.astype(np.float32) - mean) * scale, (zf.astype(np.float32) - mean) * scale
+    x = batch["x"].numpy()
+    used_flip = np.array([np.array_equal(x[i], flipped[i]) for i in range(10)])
+    assert all(used_flip[i] or np.array_equal(x[i], plain[i]) for i in range(10)) and 0 < used_flip.sum() < 10
+    all_x = np.concatenate([plain, flipped])
+    assert np.allclose(all_x.mean(axis=(0, 2, 3)), 0, atol=1e-5) and np.allclose(all_x.std(axis=(0, 2, 3)), 0.5, atol=1e-4)
+    images_out = encode.decode(vae, torch.from_numpy(plain), manifest["stats"])
+    assert torch.allclose(images_out, vae.decode(torch.from_numpy(z.astype(np.float32))).sample.clamp(-1, 1), atol=1e-4)

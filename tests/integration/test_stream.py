@@ -1,0 +1,146 @@
+"""The shard stream against a real S3 server on loopback (moto, tests/integration/conftest.py) and local
+disk: every sample once per epoch over 2 ranks x 2 DataLoader workers, exact resume from a saved state, an
+S3 outage mid-stream, truncated shards, and start-up failures with clear messages.
+
+Ranks are simulated: both ranks' streams run in this process (a stream's rank and world size are plain
+arguments; it does no collective), each with its own 2 real worker processes reading over HTTP.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines import s3
+from pipelines.shards import read_manifest, write_arrays
+from pipelines.stream import ShardDataConfig, ShardStream, TooManyBadShards, buffer_order
+from sct.config import ConfigError
+
+N, SHARD = 240, 20  # 12 shards
+
+
+def write_dataset(url: str, n: int = N, shard: int = SHARD) -> dict:
+    """Sample i is a 1x4x4 array filled with i, label i % 10: content and identity can be checked."""
+    x = np.broadcast_to(np.arange(n, dtype=np.float32)[:, None, None, None], (n, 1, 4, 4)).copy()
+    return write_arrays(x, np.arange(n) % 10, url, shard, num_classes=10)
+
+
+def stream(url: str, rank: int = 0, world_size: int = 1, batch: int = 8, **cfg) -> ShardStream:
+    cfg = ShardDataConfig(url=url, **{"num_workers": 2, "shuffle_buffer": 16, "prefetch_factor": 2, "retry_seconds": 60, **cfg})
+    return ShardStream(cfg, read_manifest(url), batch, rank, world_size, return_ids=True)
+
+
+def take(s: ShardStream, batches: int) -> list[dict]:
+    out = []
+    for _ in range(batches):
+        b = next(s)
+        assert torch.equal(b["x"][:, 0, 0, 0].long(), b["ids"])  # the content is the sample named
+        assert torch.equal(b["labels"].argmax(1), b["ids"] % 10)
+        out.append(b)
+    return out
+
+
+def ids_of(batches: list[dict]) -> tuple[list[int], list[int]]:
+    return torch.cat([b["ids"] for b in batches]).tolist(), torch.cat([b["epochs"] for b in batches]).tolist()
+
+
+def test_buffer_order_is_a_permutation_that_mixes():
+    import random
+
+    order = buffer_order(1000, 100, random.Random(0))
+    assert sorted(order) == list(range(1000))
+    assert order != list(range(1000)) and buffer_order(1000, 1, random.Random(0)) == list(range(1000))
+
+
+def test_two_ranks_two_workers_read_each_sample_once_per_epoch_from_s3(s3_server):
+    url = s3_server.bucket_url() + "/data"
+    manifest = write_dataset(url)
+    assert [s["name"] for s in manifest["shards"]] == [f"shard-{i:06d}.tar" for i in range(12)]
+    assert all(s["samples"] == SHARD and s["bytes"] > 0 and len(s["sha256"]) == 64 for s in manifest["shards"])
+    seen = {0: [], 1: []}
+    for rank in (0, 1):
+        s = stream(url, rank, world_size=2)
+        ids, epochs = ids_of(take(s, 20))  # 160 samples: past this rank's 120 of epoch 0 on each worker
+        s.close()
+        assert ids[:32] != sorted(ids[:32])  # shuffled
+        seen[0] += [i for i, e in zip(ids, epochs) if e == 0]
+        seen[1] += [i for i, e in zip(ids, epochs) if e == 1]
+    assert sorted(seen[0]) == list(range(N))  # each sample exactly once in epoch 0 over both ranks
+    assert len(set(seen[1])) == len(seen[1])  # no repeats within epoch 1 either
+
+
+@pytest.mark.parametrize("workers", [2, 0])
+def test_resume_from_saved_state_gives_the_uninterrupted_sequence(tmp_path, workers):
+    url = str(tmp_path / "shards")
+    write_dataset(url)
+    whole = ids_of(take(stream(url, 1, 2, num_workers=workers), 24))[0]  # crosses into epoch 1
+    first = stream(url, 1, 2, num_workers=workers)
+    head = ids_of(take(first, 7))[0]  # odd: the next batch is due from worker 1
+    state = first.state_dict()
+    first.close()
+    assert state["batches"] == 7 and len(state["workers"]) == max(workers, 1)
+    resumed = stream(url, 1, 2, num_workers=workers)
+    resumed.load_state_dict(state)
+    assert head + ids_of(take(resumed, 17))[0] == whole
+    with pytest.raises(ValueError, match="same dataset, seed, batch size, ranks"):
+        stream(url, 1, 2, batch=4, num_workers=workers).load_state_dict(state)
+
+
+def test_s3_restart_mid_stream_loses_and_repeats_nothing(s3_server):
+    url = s3_server.bucket_url() + "/data"
+    write_dataset(url, n=240, shard=5)  # 48 small shards: workers keep fetching while the server is down
+    reference = ids_of(take(stream(url), 36))
+    s = stream(url)
+    got = take(s, 4)
+    s3_server.stop()
+    restarter = threading.Timer(2.0, s3_server.start)
+    restarter.start()
+    t0 = time.monotonic()
+    got += take(s, 32)  # blocks while the workers retry, then carries on
+    restarter.join()
+    assert time.monotonic() - t0 > 1.0
+    assert s.counters["retries"] > 0 and s.counters["bad_shards"] == 0
+    assert ids_of(got) == reference
+    ids, epochs = ids_of(got)
+    assert sorted(i for i, e in zip(ids, epochs) if e == 0) == list(range(240))
+
+
+def test_truncated_shard_is_skipped_and_counted_then_the_threshold_stops_the_run(s3_server):
+    url = s3_server.bucket_url() + "/data"
+    manifest = write_dataset(url)
+    bad = manifest["shards"][3]
+    data = s3.read_bytes(s3.join(url, bad["name"]))
+    s3.write_bytes(s3.join(url, bad["name"]), data[: len(data) // 2])
+    s = stream(url, max_bad_shards=1)
+    ids, epochs = ids_of(take(s, 40))
+    assert sorted(i for i, e in zip(ids, epochs) if e == 0) == sorted(set(range(N)) - set(range(60, 80)))
+    assert s.counters["bad_shards"] == 1 and s.counters["skipped_samples"] >= SHARD and bad["name"] in s.bad
+    with pytest.raises(TooManyBadShards, match=f"more than data.max_bad_shards=0.*{bad['name']}"):
+        take(stream(url, max_bad_shards=0), 40)
+
+
+def test_bad_credentials_and_unreachable_storage_fail_at_config_time(s3_server, monkeypatch):
+    url = s3_server.bucket_url() + "/data"
+    write_dataset(url, n=40)
+    s3_server.require_auth(True)  # moto now rejects the made-up key, like AWS with a wrong one
+    try:
+        with pytest.raises(ConfigError, match="url: credentials rejected for bucket 'b-[0-9a-f]+' at http://127.0.0.1:[0-9]+ \\((403|InvalidAccessKeyId)\\)"):
+            ShardDataConfig(url=url).check()
+    finally:
+        s3_server.require_auth(False)
+    with pytest.raises(ConfigError, match="bucket 'no-such-bucket' does not exist"):
+        ShardDataConfig(url="s3://no-such-bucket/data").check()
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    with pytest.raises(ConfigError, match="no credentials for s3://.*set AWS_ACCESS_KEY_ID"):
+        ShardDataConfig(url=url + "x").check()
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    s3_server.stop()
+    with pytest.raises(ConfigError, match="cannot reach http://127.0.0.1:.*AWS_ENDPOINT_URL"):
+        ShardDataConfig(url=url + "y").check()
