@@ -14,6 +14,7 @@ from torch import nn
 from pipelines.arrays import ArrayDataConfig, data_shape, num_classes
 from sct.checkpoint import load_snapshot
 from sct.config import ConfigError, from_dict, to_dict
+from sct.dist import DistConfig
 from sct.ema import EMAConfig
 from sct.loop import LoopConfig
 from sct.models.mlp import MLPConfig, build_mlp
@@ -44,6 +45,7 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
     def check(self) -> None:
         wanted = PARAMETERIZATION_OF[self.objective.name]
@@ -60,6 +62,8 @@ class TrainConfig:
             raise ConfigError("sampling.method", f"objective '{self.objective.name}' samples with method '{'ode' if self.objective.name == 'diffusion' else 'consistency'}'")
         if self.sampling.guidance != 1.0 and classes == 0:
             raise ConfigError("sampling.guidance", "classifier-free guidance needs class-conditional data")
+        if self.run.precision == "bf16" and self.dist.engine == "deepspeed" and self.dist.zero_stage == 0:
+            raise ConfigError("dist.zero_stage", "bf16 under DeepSpeed needs ZeRO 1-3 (its fp32 master weights); ZeRO-0 bf16 drifts")
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
