@@ -11,17 +11,21 @@ The only module that imports deepspeed (lazily, after DS_ACCELERATOR is settled)
   adaptive-weight head trains inside the engine and an sCD teacher (frozen, a submodule of the
   objective) is partitioned with it under ZeRO-3. Forward-mode AD through ZeRO-3 is enabled here.
 - `zero3_gathered(module)`, `partition_of(p)`, `gather_full(p, shard)`: ZeRO-3 gather helpers.
+- `to_universal(src, dst)`: DeepSpeed's universal checkpoint, for resuming on a different world size.
 - `all_reduce_max`, `all_gather_objects`, `barrier`: collectives that are no-ops in one process.
 
 Run the multi-process tests: `pytest tests/integration/test_distributed.py`.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
+import shutil
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -58,6 +62,7 @@ class Dist:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     zero_stage: int = -1  # -1: no DeepSpeed engine
+    owns_group: bool = False  # init() created the process group (so the caller destroys it at exit)
 
 
 def launcher_world_size() -> int:
@@ -99,9 +104,11 @@ def init(cfg: DistConfig, device_name: str) -> Dist:
         torch.cuda.set_device(device)
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if use_cuda else "gloo")
     deepspeed = _deepspeed()
-    if not tdist.is_initialized():
+    owns = not tdist.is_initialized()
+    if owns:
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(minutes=cfg.timeout_minutes))
-    return Dist(rank=tdist.get_rank(), world_size=tdist.get_world_size(), local_rank=local_rank, device=device, zero_stage=cfg.zero_stage)
+    return Dist(rank=tdist.get_rank(), world_size=tdist.get_world_size(), local_rank=local_rank, device=device,
+                zero_stage=cfg.zero_stage, owns_group=owns)
 
 
 def shutdown() -> None:
@@ -221,6 +228,18 @@ def gather_full(p: torch.Tensor, shard: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(shard) for _ in range(tdist.get_world_size())]
     tdist.all_gather(parts, shard.contiguous())
     return torch.cat(parts)[: p.ds_numel].view(p.ds_shape)
+
+
+def to_universal(src: Path, dst: Path) -> None:
+    """Convert DeepSpeed ZeRO shards (`src`, one tag folder) into a universal checkpoint at `dst`,
+    loadable by any number of ranks (deepspeed.checkpoint.ds_to_universal; run on one rank)."""
+    _deepspeed()
+    from deepspeed.checkpoint import ds_to_universal
+
+    shutil.rmtree(dst, ignore_errors=True)
+    args = argparse.Namespace(input_folder=str(src), output_folder=str(dst), num_extract_workers=1, num_merge_workers=1,
+                              keep_temp_folder=False, strict=True, inject_missing_state=True)  # our client state has no
+    ds_to_universal.main(args)  # Megatron-style universal_checkpoint_info: the default one fits plain modules
 
 
 def log_setup(d: Dist) -> None:

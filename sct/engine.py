@@ -5,8 +5,14 @@ The loop talks to an engine only through `backward(loss)`, `step(lr) -> bool`, `
 """
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import torch
+from loguru import logger
 from torch import nn
+
+from sct import dist
 
 
 class TorchEngine:
@@ -48,7 +54,8 @@ class DeepSpeedEngine:
     (non-boundary, no-op) `step()`; `step(lr)` sets our LR and takes the boundary step. A step whose
     gradient norm is not finite is skipped: ZeRO 1-3 skip it themselves (we read `skipped_steps`);
     under ZeRO-0 we drop the gradients first so the torch optimizer leaves weights and moments alone.
-    Checkpoints are DeepSpeed's own per-rank files: `save(dir)` / `load(dir)` (collectives).
+    Checkpoints are DeepSpeed's own per-rank files: `save(dir)` / `load(dir, saved_world_size)`
+    (collectives); a different number of ranks is loaded through DeepSpeed's universal checkpoint.
     """
 
     TAG = "engine"
@@ -91,7 +98,25 @@ class DeepSpeedEngine:
     def save(self, directory) -> None:
         self.ds.save_checkpoint(str(directory), tag=self.TAG, save_latest=False)
 
-    def load(self, directory) -> None:
-        path, _ = self.ds.load_checkpoint(str(directory), tag=self.TAG, load_lr_scheduler_states=False)
+    def load(self, directory, saved_world_size: int) -> None:
+        """Load DeepSpeed's files from `directory`; ZeRO 1-3 shards written by a different number of
+        ranks go through DeepSpeed's universal checkpoint (converted next to it, then removed)."""
+        directory = Path(directory)
+        if self.zero_stage == 0 or saved_world_size == self.ds.dp_world_size:
+            path, _ = self.ds.load_checkpoint(str(directory), tag=self.TAG, load_lr_scheduler_states=False)
+        else:
+            universal = directory.parent / f".universal-{directory.name}"
+            if self.ds.global_rank == 0:
+                logger.info(f"{directory}: {saved_world_size} ranks' ZeRO-{self.zero_stage} shards -> universal checkpoint for {self.ds.dp_world_size}")
+                dist.to_universal(directory / self.TAG, universal / self.TAG)
+            dist.barrier()
+            self.ds._config.load_universal_checkpoint = True
+            try:
+                path, _ = self.ds.load_checkpoint(str(universal), tag=self.TAG, load_lr_scheduler_states=False)
+            finally:
+                self.ds._config.load_universal_checkpoint = False
+                dist.barrier()
+                if self.ds.global_rank == 0:
+                    shutil.rmtree(universal, ignore_errors=True)
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint under {directory}/{self.TAG}")

@@ -128,7 +128,7 @@ def _resume(run_dir: Path, parts: Parts) -> tuple[int, dict] | None:
         return None
     state = load_training_state(latest)
     if hasattr(parts.engine, "load"):
-        parts.engine.load(latest)
+        parts.engine.load(latest, state["world_size"])
     else:
         parts.engine.load_state_dict(state["engine"])
     parts.ema.load_state_dict(state["ema"])

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _train(cfg, args, d)
     finally:
-        if cfg.dist.engine == "deepspeed":
+        if d.owns_group:
             dist.shutdown()
 
 

@@ -1,0 +1,99 @@
+"""One launched multi-process job that runs several distributed checks (tests/integration/test_distributed.py).
+
+    torchrun --standalone --nproc_per_node 2 tests/integration/dist_worker.py --out DIR --jobs train,jvp_snapshot
+    deepspeed --num_gpus 2 tests/integration/dist_worker.py --out DIR --jobs train        (DS_ACCELERATOR=cpu)
+
+Jobs (the process group is created once and reused by every run, so each job costs seconds):
+- train: `sct.train.main` for diffusion and sCT under ZeRO 0, 1, 2 and 3, 5 steps each; run dirs
+  DIR/<objective>_z<stage>/ with rank 0's metrics.jsonl (losses pooled over ranks).
+- jvp_snapshot: the sCT tangent through the ZeRO-3 engine vs torch.func.jvp on an unsharded copy
+  (DIR/jvp.json); a few ZeRO-3 steps with the sharded EMA, then an inference snapshot and samples
+  drawn through the partitioned engine module carrying the EMA (DIR/engine_samples.pt).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from sct import dist, loop, train  # noqa: E402
+from sct.checkpoint import save_snapshot  # noqa: E402
+from sct.config import load  # noqa: E402
+from sct.ema_sharded import ShardedEMA  # noqa: E402
+from sct.engine import DeepSpeedEngine  # noqa: E402
+from sct.experiment import TrainConfig, build_model, build_objective, snapshot_config  # noqa: E402
+from sct.objectives.scm import jvp_tangent  # noqa: E402
+from sct.optim import build_optimizer  # noqa: E402
+from sct.samplers import generate  # noqa: E402
+
+TINY = ["model.backbone.hidden=32", "model.backbone.depth=1", "run.batch_size=16", "run.log_every=1",
+        "run.checkpoint_every=1000", "run.snapshot_every=1000", "run.sample_every=1000", "sampling.num=8",
+        "dist.engine=deepspeed", "dist.zero3_persistence_threshold=0", "optimizer.warmup_steps=0"]
+CONFIGS = {"diffusion": "configs/toy_diffusion.yaml", "sct": "configs/toy_sct.yaml"}
+
+
+def train_job(out: Path) -> None:
+    for objective, config in CONFIGS.items():
+        for stage in (0, 1, 2, 3):
+            args = ["--config", config, *TINY, f"dist.zero_stage={stage}", "run.total_steps=5", f"run.dir={out / f'{objective}_z{stage}'}"]
+            if objective == "sct":
+                args.append("objective.tangent_warmup_steps=2")
+            assert train.main(args) == 0, f"{objective} ZeRO-{stage} failed"
+
+
+def jvp_snapshot_job(out: Path, d: dist.Dist) -> None:
+    cfg = load(TrainConfig, CONFIGS["sct"], [*TINY, "dist.zero_stage=3"])
+    torch.manual_seed(0)
+    net, objective = build_model(cfg.model), build_objective(cfg)
+    for p in net.parameters():  # the zero-initialized output layer would make every tangent 0
+        nn.init.normal_(p, std=0.3)
+    reference = copy.deepcopy(net)
+    module = nn.ModuleDict({"net": net, "objective": objective})
+    ds_cfg = dist.ds_config(cfg.dist, batch_size=16, grad_accum=1, world_size=d.world_size, grad_clip=0.0, precision="fp32")
+    engine = DeepSpeedEngine(dist.build_deepspeed_engine(module, build_optimizer(cfg.optimizer, module.parameters()), ds_cfg))
+    assert all(p.numel() == 0 for p in net.parameters()), "ZeRO-3 did not partition the parameters"
+    gen = torch.Generator().manual_seed(1)
+    x, t, vx, vt = torch.randn(6, 2, generator=gen), torch.rand(6, generator=gen) * 1.5, torch.randn(6, 2, generator=gen), torch.randn(6, generator=gen)
+    got = jvp_tangent(lambda xs, tt: net.raw(xs, tt, None), (x, t), (vx, vt))
+    want = torch.func.jvp(lambda xs, tt: reference.raw(xs, tt, None), (x, t), (vx, vt))
+    ema = ShardedEMA(net, cfg.ema, make_model=lambda: build_model(cfg.model))
+    for step in range(3):
+        torch.manual_seed(loop.step_seed(0, step, d.rank))
+        batch = {"x": torch.randn(8, 2, generator=torch.Generator().manual_seed(100 * step + d.rank))}
+        engine.backward(objective(net, batch, step).mean())
+        assert engine.step(1e-2)
+        ema.update(net, step)
+    full = ema.full_model()  # collective
+    seeds = list(range(10))
+    with ema.swapped_into(net):  # every rank samples through the partitioned module (hooks gather)
+        in_engine = generate(net.eval(), cfg.sampling, 2, (2,), seeds, None)
+    if d.rank == 0:
+        save_snapshot(out / "ema.safetensors", full.state_dict(), snapshot_config(cfg))
+        torch.save({"samples": in_engine, "seeds": seeds}, out / "engine_samples.pt")
+        report = {"primal": (got[0] - want[0]).abs().max().item(), "tangent": (got[1] - want[1]).abs().max().item(),
+                  "tangent_scale": want[1].abs().max().item()}
+        (out / "jvp.json").write_text(json.dumps(report))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--jobs", default="train")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1)
+    args = parser.parse_args()
+    d = dist.init(dist.DistConfig(engine="deepspeed"), "cpu")
+    for job in args.jobs.split(","):
+        {"train": lambda: train_job(args.out), "jvp_snapshot": lambda: jvp_snapshot_job(args.out, d)}[job]()
+        dist.barrier()
+    dist.shutdown()
+
+
+if __name__ == "__main__":
+    main()
