@@ -6,6 +6,9 @@
 Jobs (the process group is created once and reused by every run, so each job costs seconds):
 - train: `sct.train.main` for diffusion and sCT under ZeRO 0, 1, 2 and 3, 5 steps each; run dirs
   DIR/<objective>_z<stage>/ with rank 0's metrics.jsonl (losses pooled over ranks).
+- preempt: a 60-step ZeRO-2 sCT run in DIR/preempt (the test sends SIGTERM to every process
+  mid-run; the worker then exits with the run's status 75 and the same command resumes it, then
+  goes on to the next jobs).
 - jvp_snapshot: the sCT tangent through the ZeRO-3 engine vs torch.func.jvp on an unsharded copy
   (DIR/jvp.json); a few ZeRO-3 steps with the sharded EMA, then an inference snapshot and samples
   drawn through the partitioned engine module carrying the EMA (DIR/engine_samples.pt).
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -46,6 +50,14 @@ def train_job(out: Path) -> None:
             if objective == "sct":
                 args.append("objective.tangent_warmup_steps=2")
             assert train.main(args) == 0, f"{objective} ZeRO-{stage} failed"
+
+
+def preempt_job(out: Path) -> None:
+    args = ["--config", CONFIGS["sct"], *TINY, "objective.tangent_warmup_steps=2", "dist.zero_stage=2",
+            "run.total_steps=60", f"run.dir={out / 'preempt'}"]
+    rc = train.main(args)
+    if rc:
+        _exit(rc)
 
 
 def jvp_snapshot_job(out: Path, d: dist.Dist) -> None:
@@ -90,9 +102,18 @@ def main() -> None:
     args = parser.parse_args()
     d = dist.init(dist.DistConfig(engine="deepspeed"), "cpu")
     for job in args.jobs.split(","):
-        {"train": lambda: train_job(args.out), "jvp_snapshot": lambda: jvp_snapshot_job(args.out, d)}[job]()
+        jobs = {"train": lambda: train_job(args.out), "preempt": lambda: preempt_job(args.out), "jvp_snapshot": lambda: jvp_snapshot_job(args.out, d)}
+        jobs[job]()
         dist.barrier()
+    _exit(0)
+
+
+def _exit(code: int) -> None:
+    """Leave without the interpreter's teardown of torch/deepspeed/inductor modules (3-6 s per process here)."""
     dist.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

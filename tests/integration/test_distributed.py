@@ -1,6 +1,6 @@
 """Distributed training on CPU: 2 real processes, gloo, real DeepSpeed engines (ZeRO 0-3), launched
 through torchrun and through the deepspeed launcher (tests/integration/dist_worker.py runs several
-checks per launch, so the whole file costs about a minute and a half here).
+checks per launch: 4 launches in all).
 
 The single-process reference (`reference_losses`) is an independent re-implementation of data
 parallelism in one process: plain torch Adam, and each step's global batch split into the ranks'
@@ -110,11 +110,33 @@ def torchrun_job(tmp_path_factory) -> Path:
     return out
 
 
+def _wait_for_lines(path: Path, n: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and proc.poll() is None:
+        if path.exists() and len(path.read_text().splitlines()) >= n:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{path} did not reach {n} lines (exit {proc.poll()})")
+
+
 @pytest.fixture(scope="module")
 def deepspeed_job(tmp_path_factory) -> Path:
+    """Under the deepspeed launcher, a run gets kill -TERM (to every process, as SLURM does) mid-run;
+    the same command then resumes it and goes on to the ZeRO matrix."""
     out = tmp_path_factory.mktemp("deepspeed")
-    rc = run_logged(launcher("deepspeed", WORKER, "--out", str(out), "--jobs", "train"), out / "log.txt")
-    assert rc == 0, (out / "log.txt").read_text()[-4000:]
+    cmd = launcher("deepspeed", WORKER, "--out", str(out), "--jobs", "preempt,train")
+    with open(out / "log1.txt", "w") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            _wait_for_lines(out / "preempt" / "metrics.jsonl", 5, proc)
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    (out / "preempt" / "metrics_before_rerun.jsonl").write_text((out / "preempt" / "metrics.jsonl").read_text())
+    rc = run_logged(cmd, out / "log2.txt")
+    assert rc == 0, (out / "log2.txt").read_text()[-4000:]
     return out
 
 
@@ -148,38 +170,20 @@ def test_resume_on_one_process_from_two_ranks_zero3(torchrun_job, tmp_path):
     run_dir = tmp_path / "sct_z3"
     shutil.copytree(torchrun_job / "sct_z3", run_dir)
     args = ["--config", CONFIGS["sct"], *TINY, *EXTRA["sct"], "dist.zero_stage=3", "run.total_steps=7", f"run.dir={run_dir}"]
-    rc = run_logged([sys.executable, "-m", "sct.train", *args], tmp_path / "log.txt")
+    rc = run_logged([sys.executable, "sct/train.py", *args], tmp_path / "log.txt")  # as a script, like `deepspeed sct/train.py`
     assert rc == 0, (tmp_path / "log.txt").read_text()[-4000:]
     assert "universal checkpoint" in (tmp_path / "log.txt").read_text()
     want = reference_losses("sct", [2] * 5 + [1] * 2, ["run.total_steps=7"])
     torch.testing.assert_close(torch.tensor(losses(run_dir)), torch.tensor(want), rtol=1e-5, atol=0)
 
 
-def _wait_for_lines(path: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end and proc.poll() is None:
-        if path.exists() and len(path.read_text().splitlines()) >= n:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{path} did not reach {n} lines (exit {proc.poll()})")
-
-
-def test_sigterm_checkpoints_and_the_same_command_resumes_exactly(tmp_path):
-    """kill -TERM to every process of a 2-rank ZeRO-2 run (what SLURM does) mid-run, then rerun."""
-    steps = 120
-    run_dir = tmp_path / "run"
-    args = ["--config", CONFIGS["sct"], *TINY, *EXTRA["sct"], "dist.zero_stage=2", f"run.total_steps={steps}", f"run.dir={run_dir}"]
-    cmd = launcher("torchrun", "sct/train.py", *args)
-    with open(tmp_path / "log1.txt", "w") as f:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-        _wait_for_lines(run_dir / "metrics.jsonl", 10, proc)
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=120)
-    log1 = (tmp_path / "log1.txt").read_text()
+def test_sigterm_checkpoints_at_the_step_boundary_and_the_same_command_resumes_exactly(deepspeed_job):
+    out = deepspeed_job / "preempt"
+    log1 = (deepspeed_job / "log1.txt").read_text()
     assert "exiting with status 75" in log1, log1[-4000:]
-    first = losses(run_dir)
-    assert 10 <= len(first) < steps
-    assert (run_dir / "checkpoints" / f"step_{len(first):09d}" / "COMPLETE").is_file()  # nothing before the boundary lost
-    assert run_logged(cmd, tmp_path / "log2.txt") == 0, (tmp_path / "log2.txt").read_text()[-4000:]
-    want = reference_losses("sct", [2] * steps, [f"run.total_steps={steps}"])
-    torch.testing.assert_close(torch.tensor(losses(run_dir)), torch.tensor(want), rtol=1e-5, atol=0)
+    first = [json.loads(line)["loss"] for line in (out / "metrics_before_rerun.jsonl").read_text().splitlines()]
+    assert 5 <= len(first) < 60, "the signal did not land mid-run"
+    assert "resumed from" in (deepspeed_job / "log2.txt").read_text()
+    assert f"resumed from {out / 'checkpoints' / f'step_{len(first):09d}'}" in (deepspeed_job / "log2.txt").read_text()  # nothing lost
+    want = reference_losses("sct", [2] * 60, ["run.total_steps=60"])
+    torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(want), rtol=1e-5, atol=0)
