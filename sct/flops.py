@@ -44,7 +44,7 @@ def step_flops_per_sample(objective: nn.Module, net: nn.Module, batch: dict, ste
 
 
 def zero_model_state_bytes(n_params: int, stage: int, world: int, precision: str = "bf16",
-                           n_frozen: int = 0, ema_sharded: bool = False) -> dict[str, float]:
+                           n_frozen: int = 0, ema: bool = True, ema_sharded: bool = False) -> dict[str, float]:
     """Bytes per GPU of parameters, gradients and Adam states (+ a frozen teacher and the fp32 EMA)."""
     p_bytes, g_bytes, o_bytes = (2, 2, 12) if precision == "bf16" else (4, 4, 8)
     parts = {
@@ -52,7 +52,7 @@ def zero_model_state_bytes(n_params: int, stage: int, world: int, precision: str
         "grads": n_params * g_bytes / (world if stage >= 2 else 1),
         "optimizer": n_params * o_bytes / (world if stage >= 1 else 1),
         "teacher": n_frozen * p_bytes / (world if stage >= 3 else 1),
-        "ema": n_params * 4 / (world if ema_sharded else 1),
+        "ema": n_params * 4 / (world if ema_sharded else 1) if ema else 0.0,
     }
     parts["total"] = sum(parts.values())
     return parts

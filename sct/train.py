@@ -43,6 +43,10 @@ def plot_losses(run_dir: Path) -> None:
     save_curve({"loss": [r["loss"] for r in records if "loss" in r]}, run_dir / "loss.png", title=f"{run_dir.name}: loss per tick")
 
 
+def _size(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def dry_run(cfg: TrainConfig, world: int) -> None:
     print(to_yaml(cfg), end="")
     with torch.device("meta"):
@@ -51,8 +55,8 @@ def dry_run(cfg: TrainConfig, world: int) -> None:
     stage = cfg.dist.zero_stage if cfg.dist.engine == "deepspeed" else 0
     frozen = n if cfg.objective.name == "scd" else 0
     mem = zero_model_state_bytes(n, stage, world, cfg.run.precision, n_frozen=frozen, ema_sharded=stage == 3)
-    parts = "  ".join(f"{k} {v / 2**30:.2f}" for k, v in mem.items() if k != "total")
-    print(f"# model states per GPU, ZeRO-{stage} on {world} ranks, {cfg.run.precision}: {mem['total'] / 2**30:.2f} GiB ({parts} GiB)"
+    parts = ", ".join(f"{k} {_size(v)}" for k, v in mem.items() if k != "total")
+    print(f"# model states per GPU, ZeRO-{stage} on {world} ranks, {cfg.run.precision}: {_size(mem['total'])} ({parts})"
           + ("; sCD teacher taken as the student's size" if frozen else "") + "; activations not included")
 
 

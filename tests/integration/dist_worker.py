@@ -9,6 +9,8 @@ Jobs (the process group is created once and reused by every run, so each job cos
 - preempt: a 60-step ZeRO-2 sCT run in DIR/preempt (the test sends SIGTERM to every process
   mid-run; the worker then exits with the run's status 75 and the same command resumes it, then
   goes on to the next jobs).
+- nonfinite: sCT under ZeRO 0 and 3 whose loss is NaN on rank 1 only at steps 2 and 3: every
+  rank must skip those optimizer steps (DIR/nan_z<stage>).
 - jvp_snapshot: the sCT tangent through the ZeRO-3 engine vs torch.func.jvp on an unsharded copy
   (DIR/jvp.json); a few ZeRO-3 steps with the sharded EMA, then an inference snapshot and samples
   drawn through the partitioned engine module carrying the EMA (DIR/engine_samples.pt).
@@ -60,6 +62,25 @@ def preempt_job(out: Path) -> None:
         _exit(rc)
 
 
+def nonfinite_job(out: Path, d: dist.Dist) -> None:
+    from sct.objectives import scm
+
+    real = scm.SCM.forward
+
+    def poisoned(self, net, batch, step):  # one rank diverges: the others must not step either
+        loss = real(self, net, batch, step)
+        return loss * float("nan") if d.rank == 1 and step in (2, 3) else loss
+
+    scm.SCM.forward = poisoned
+    try:
+        for stage in (0, 3):
+            args = ["--config", CONFIGS["sct"], *TINY, "objective.tangent_warmup_steps=2", f"dist.zero_stage={stage}",
+                    "run.total_steps=6", f"run.dir={out / f'nan_z{stage}'}"]
+            assert train.main(args) == 0
+    finally:
+        scm.SCM.forward = real
+
+
 def jvp_snapshot_job(out: Path, d: dist.Dist) -> None:
     cfg = load(TrainConfig, CONFIGS["sct"], [*TINY, "dist.zero_stage=3"])
     torch.manual_seed(0)
@@ -102,7 +123,8 @@ def main() -> None:
     args = parser.parse_args()
     d = dist.init(dist.DistConfig(engine="deepspeed"), "cpu")
     for job in args.jobs.split(","):
-        jobs = {"train": lambda: train_job(args.out), "preempt": lambda: preempt_job(args.out), "jvp_snapshot": lambda: jvp_snapshot_job(args.out, d)}
+        jobs = {"train": lambda: train_job(args.out), "preempt": lambda: preempt_job(args.out), "nonfinite": lambda: nonfinite_job(args.out, d),
+                "jvp_snapshot": lambda: jvp_snapshot_job(args.out, d)}
         jobs[job]()
         dist.barrier()
     _exit(0)

@@ -70,8 +70,9 @@ def losses(run_dir: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def reference_losses(objective: str, ranks_per_step: list[int], overrides=()) -> list[float]:
-    """One process, plain torch Adam: step k splits the global batch over ranks_per_step[k] emulated ranks."""
+def reference_losses(objective: str, ranks_per_step: list[int], overrides=(), skip=()) -> list[float]:
+    """One process, plain torch Adam: step k splits the global batch over ranks_per_step[k] emulated
+    ranks; steps in `skip` consume their data but change nothing (NaN in the output)."""
     cfg = load(TrainConfig, ROOT / CONFIGS[objective], [*TINY, *EXTRA[objective], *overrides])
     torch.manual_seed(cfg.run.seed)
     net, obj = build_model(cfg.model), build_objective(cfg)
@@ -80,6 +81,10 @@ def reference_losses(objective: str, ranks_per_step: list[int], overrides=()) ->
     x, labels = load_arrays(cfg.data)
     position, out = 0, []
     for step, world in enumerate(ranks_per_step):
+        if step in skip:
+            position += cfg.run.batch_size
+            out.append(float("nan"))
+            continue
         per_rank = []
         for rank in range(world):
             stream = ArrayStream(x, labels, cfg.run.batch_size // world, seed=cfg.data.seed, rank=rank, world_size=world)
@@ -105,7 +110,7 @@ def references() -> dict[str, list[float]]:
 @pytest.fixture(scope="module")
 def torchrun_job(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("torchrun")
-    rc = run_logged(launcher("torchrun", WORKER, "--out", str(out), "--jobs", "train,jvp_snapshot"), out / "log.txt")
+    rc = run_logged(launcher("torchrun", WORKER, "--out", str(out), "--jobs", "train,nonfinite,jvp_snapshot"), out / "log.txt")
     assert rc == 0, (out / "log.txt").read_text()[-4000:]
     return out
 
@@ -148,6 +153,16 @@ def test_zero_stages_reproduce_the_single_process_loss_sequence(launch, referenc
             got = losses(out / f"{objective}_z{stage}")
             assert len(got) == 5
             torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=0, msg=f"{objective} ZeRO-{stage} via {launch}")
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(torchrun_job, stage):
+    records = [json.loads(line) for line in (torchrun_job / f"nan_z{stage}" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in records] == [0, 0, 1, 2, 2, 2]
+    assert records[2]["loss/nonfinite"] > 0  # rank 1's NaN observations, pooled
+    want = reference_losses("sct", [2] * 6, ["run.total_steps=6"], skip=(2, 3))
+    got = [r["loss"] for r in records]
+    torch.testing.assert_close(torch.tensor([got[i] for i in (0, 1, 4, 5)]), torch.tensor([want[i] for i in (0, 1, 4, 5)]), rtol=1e-5, atol=0)
 
 
 def test_sct_jvp_under_zero3_equals_the_single_process_jvp(torchrun_job):
