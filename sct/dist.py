@@ -10,7 +10,7 @@ The only module that imports deepspeed (lazily, after DS_ACCELERATOR is settled)
 - `build_deepspeed_engine(...)`: deepspeed.initialize around nn.ModuleDict({net, objective}), so the
   adaptive-weight head trains inside the engine and an sCD teacher (frozen, a submodule of the
   objective) is partitioned with it under ZeRO-3. Forward-mode AD through ZeRO-3 is enabled here.
-- `zero3_gathered(module)`, `partition_of(p)`, `gather_full(p, shard)`: ZeRO-3 gather helpers.
+- `partition_of(p)`, `slice_full(p, full)`, `gather_full(p, shard)`: ZeRO-3 partition/gather helpers.
 - `to_universal(src, dst)`: DeepSpeed's universal checkpoint, for resuming on a different world size.
 - `all_reduce_max`, `all_gather_objects`, `barrier`: collectives that are no-ops in one process.
 
@@ -19,7 +19,6 @@ Run the multi-process tests: `pytest tests/integration/test_distributed.py`.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import shutil
 import socket
@@ -159,7 +158,7 @@ def ds_config(dist: DistConfig, *, batch_size: int, grad_accum: int, world_size:
         "train_micro_batch_size_per_gpu": batch_size // (grad_accum * world_size),
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": float(grad_clip),  # explicit: DeepSpeed would otherwise clip at 1.0
-        "bf16": {"enabled": precision == "bf16"},
+        "bf16": {"enabled": precision == "bf16", "check_grad_overflow": True},  # ZeRO 1/2 skip a non-finite step
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # our torch Adam/RAdam/AdamW, wrapped by ZeRO
         "checkpoint": {"load_universal": load_universal},
@@ -193,14 +192,6 @@ def build_deepspeed_engine(module: nn.Module, optimizer: torch.optim.Optimizer, 
 
 def is_zero3_param(p: torch.Tensor) -> bool:
     return hasattr(p, "ds_tensor")
-
-
-def zero3_gathered(module: nn.Module, modifier_rank: int | None = None):
-    """Context in which `module`'s ZeRO-3 parameters are whole on every rank (a no-op otherwise)."""
-    params = [p for p in module.parameters() if is_zero3_param(p)]
-    if not params:
-        return contextlib.nullcontext()
-    return _deepspeed().zero.GatheredParameters(params, modifier_rank=modifier_rank)
 
 
 def partition_of(p: torch.Tensor) -> torch.Tensor:

@@ -62,7 +62,6 @@ class DeepSpeedEngine:
 
     def __init__(self, ds, grad_accum: int = 1):
         self.ds, self.module, self.grad_accum = ds, ds.module, grad_accum
-        self.optimizer = ds.optimizer
         self.zero_stage = ds.zero_optimization_stage()
         self._micro = 0
         self.last_grad_norm = float("nan")

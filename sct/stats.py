@@ -5,7 +5,7 @@ Owns:
   sync) until `collect()`, which returns means since the last collect plus "<name>/std" and, when
   any were seen, "<name>/nonfinite" (the count of NaN/inf observations, which are left out of the
   mean). `collect(reduce=True)` sums the accumulators over ranks first (all ranks contribute).
-- `timed(name)`: wall time of a section, summed into "time/<name>" until `collect_times()`; the
+- `timed(name)` / `time_module(module, name)`: wall time of a section, summed into "time/<name>" until `collect_times()`; the
   device is synchronized around it (CUDA kernels are asynchronous) when `set_sync` gave a function.
 - `JSONLWriter`: rank-0 metrics sink, one JSON object per line.
 - `setup_logging`: loguru sinks (console on rank 0, WARNING+ elsewhere; run_dir/log.txt on rank 0).
@@ -52,6 +52,24 @@ def timed(name: str) -> Iterator[None]:
         if _sync is not None:
             _sync()
         _times[name] = _times.get(name, 0.0) + time.perf_counter() - start
+
+
+def time_module(module: torch.nn.Module, name: str) -> None:
+    """Add every forward of `module` to section `name` (forward hooks; for modules called deep inside others)."""
+    starts: list[float] = []
+
+    def pre(*_):
+        if _sync is not None:
+            _sync()
+        starts.append(time.perf_counter())
+
+    def post(*_):
+        if _sync is not None:
+            _sync()
+        _times[name] = _times.get(name, 0.0) + time.perf_counter() - starts.pop()
+
+    module.register_forward_pre_hook(pre)
+    module.register_forward_hook(post)
 
 
 def collect_times() -> dict[str, float]:

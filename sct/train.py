@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from functools import partial
 from pathlib import Path
 
@@ -58,24 +57,6 @@ def dry_run(cfg: TrainConfig, world: int) -> None:
     parts = ", ".join(f"{k} {_size(v)}" for k, v in mem.items() if k != "total")
     print(f"# model states per GPU, ZeRO-{stage} on {world} ranks, {cfg.run.precision}: {_size(mem['total'])} ({parts})"
           + ("; sCD teacher taken as the student's size" if frozen else "") + "; activations not included")
-
-
-def time_module(module: nn.Module, name: str) -> None:
-    """Add the module's forward wall time to stats section `name` (via forward hooks)."""
-    starts = []
-
-    def pre(*_):
-        if stats._sync:
-            stats._sync()
-        starts.append(time.perf_counter())
-
-    def post(*_):
-        if stats._sync:
-            stats._sync()
-        stats._times[name] = stats._times.get(name, 0.0) + time.perf_counter() - starts.pop()
-
-    module.register_forward_pre_hook(pre)
-    module.register_forward_hook(post)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,7 +113,7 @@ def _train(cfg: TrainConfig, args, d: dist.Dist) -> int:
         engine, ema = TorchEngine(module, optimizer, cfg.optimizer.grad_clip, cfg.run.grad_accum), EMA(net, cfg.ema)
     teacher = getattr(getattr(objective, "velocity", None), "teacher", None)
     if teacher is not None:
-        time_module(teacher, "teacher")
+        stats.time_module(teacher, "teacher")
     parts = loop.Parts(
         net=net,
         objective=objective,
