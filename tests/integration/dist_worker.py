@@ -9,6 +9,8 @@ Jobs (the process group is created once and reused by every run, so each job cos
 - preempt: a 60-step ZeRO-2 sCT run in DIR/preempt (the test sends SIGTERM to every process
   mid-run; the worker then exits with the run's status 75 and the same command resumes it, then
   goes on to the next jobs).
+- scd: sCD from the ZeRO-3 diffusion run's snapshot under ZeRO 0 and 3 (DIR/scd_z<stage>), and a
+  check that the frozen teacher is partitioned with the student under ZeRO-3 (DIR/scd.json).
 - nonfinite: sCT under ZeRO 0 and 3 whose loss is NaN on rank 1 only at steps 2 and 3: every
   rank must skip those optimizer steps (DIR/nan_z<stage>).
 - jvp_snapshot: the sCT tangent through the ZeRO-3 engine vs torch.func.jvp on an unsharded copy
@@ -60,6 +62,22 @@ def preempt_job(out: Path) -> None:
     rc = train.main(args)
     if rc:
         _exit(rc)
+
+
+def scd_job(out: Path, d: dist.Dist) -> None:
+    teacher = out / "diffusion_z3" / "snapshots" / "snapshot_000000005.safetensors"
+    common = ["--config", "configs/toy_scd.yaml", *TINY, "objective.tangent_warmup_steps=2", f"objective.teacher={teacher}"]
+    for stage in (0, 3):
+        assert train.main([*common, f"dist.zero_stage={stage}", "run.total_steps=5", f"run.dir={out / f'scd_z{stage}'}"]) == 0
+    cfg = load(TrainConfig, "configs/toy_scd.yaml", [*TINY, f"objective.teacher={teacher}", "dist.zero_stage=3"])
+    module = nn.ModuleDict({"net": build_model(cfg.model), "objective": build_objective(cfg)})
+    ds_cfg = dist.ds_config(cfg.dist, batch_size=16, grad_accum=1, world_size=d.world_size, grad_clip=0.0, precision="fp32")
+    dist.build_deepspeed_engine(module, build_optimizer(cfg.optimizer, module.parameters()), ds_cfg)
+    params = list(module["objective"].velocity.teacher.parameters())
+    report = {"params": len(params), "local_numel": sum(p.numel() for p in params), "trainable": any(p.requires_grad for p in params),
+              "partition_numel": sum(p.ds_tensor.numel() for p in params), "full_numel": sum(p.ds_numel for p in params)}
+    if d.rank == 0:
+        (out / "scd.json").write_text(json.dumps(report))
 
 
 def nonfinite_job(out: Path, d: dist.Dist) -> None:
@@ -124,6 +142,7 @@ def main() -> None:
     d = dist.init(dist.DistConfig(engine="deepspeed"), "cpu")
     for job in args.jobs.split(","):
         jobs = {"train": lambda: train_job(args.out), "preempt": lambda: preempt_job(args.out), "nonfinite": lambda: nonfinite_job(args.out, d),
+                "scd": lambda: scd_job(args.out, d),
                 "jvp_snapshot": lambda: jvp_snapshot_job(args.out, d)}
         jobs[job]()
         dist.barrier()

@@ -36,8 +36,8 @@ WORKER = ROOT / "tests" / "integration" / "dist_worker.py"
 TINY = ["model.backbone.hidden=32", "model.backbone.depth=1", "run.batch_size=16", "run.log_every=1",
         "run.checkpoint_every=1000", "run.snapshot_every=1000", "run.sample_every=1000", "sampling.num=8",
         "dist.engine=deepspeed", "dist.zero3_persistence_threshold=0", "optimizer.warmup_steps=0"]
-CONFIGS = {"diffusion": "configs/toy_diffusion.yaml", "sct": "configs/toy_sct.yaml"}
-EXTRA = {"diffusion": [], "sct": ["objective.tangent_warmup_steps=2"]}
+CONFIGS = {"diffusion": "configs/toy_diffusion.yaml", "sct": "configs/toy_sct.yaml", "scd": "configs/toy_scd.yaml"}
+EXTRA = {"diffusion": [], "sct": ["objective.tangent_warmup_steps=2"], "scd": ["objective.tangent_warmup_steps=2"]}
 
 
 def _env() -> dict:
@@ -104,13 +104,13 @@ def reference_losses(objective: str, ranks_per_step: list[int], overrides=(), sk
 
 @pytest.fixture(scope="module")
 def references() -> dict[str, list[float]]:
-    return {name: reference_losses(name, [2] * 5) for name in CONFIGS}
+    return {name: reference_losses(name, [2] * 5) for name in ("diffusion", "sct")}
 
 
 @pytest.fixture(scope="module")
 def torchrun_job(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("torchrun")
-    rc = run_logged(launcher("torchrun", WORKER, "--out", str(out), "--jobs", "train,nonfinite,jvp_snapshot"), out / "log.txt")
+    rc = run_logged(launcher("torchrun", WORKER, "--out", str(out), "--jobs", "train,scd,nonfinite,jvp_snapshot"), out / "log.txt")
     assert rc == 0, (out / "log.txt").read_text()[-4000:]
     return out
 
@@ -153,6 +153,16 @@ def test_zero_stages_reproduce_the_single_process_loss_sequence(launch, referenc
             got = losses(out / f"{objective}_z{stage}")
             assert len(got) == 5
             torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=0, msg=f"{objective} ZeRO-{stage} via {launch}")
+
+
+def test_scd_under_zero0_and_zero3_with_the_teacher_partitioned(torchrun_job):
+    teacher = torchrun_job / "diffusion_z3" / "snapshots" / "snapshot_000000005.safetensors"
+    want = reference_losses("scd", [2] * 5, [f"objective.teacher={teacher}"])
+    for stage in (0, 3):
+        torch.testing.assert_close(torch.tensor(losses(torchrun_job / f"scd_z{stage}")), torch.tensor(want), rtol=1e-5, atol=0, msg=f"ZeRO-{stage}")
+    report = json.loads((torchrun_job / "scd.json").read_text())
+    assert report["params"] > 0 and report["local_numel"] == 0 and not report["trainable"]  # frozen and sharded
+    assert report["partition_numel"] * 2 >= report["full_numel"] > report["partition_numel"]  # half each (padded)
 
 
 @pytest.mark.parametrize("stage", [0, 3])
