@@ -6,7 +6,8 @@ The only module that imports deepspeed (lazily, after DS_ACCELERATOR is settled)
   `python` (a single-rank group on a free loopback port, so ZeRO code paths run unchanged).
   NCCL on GPU, gloo on CPU.
 - `ds_config(...)`: the DeepSpeed JSON generated from the sct config. Clipping is always explicit
-  (DeepSpeed's default would clip at 1.0); the LR comes from our pure `lr_at`, set on every step.
+  (DeepSpeed's default would clip at 1.0); the LR comes from our pure `lr_at`, set on every step;
+  bf16 is autocast with fp32 weights (see `ds_config`).
 - `build_deepspeed_engine(...)`: deepspeed.initialize around nn.ModuleDict({net, objective}), so the
   adaptive-weight head trains inside the engine and an sCD teacher (frozen, a submodule of the
   objective) is partitioned with it under ZeRO-3. Forward-mode AD through ZeRO-3 is enabled here.
@@ -142,8 +143,12 @@ def all_gather_objects(obj) -> list:
 
 
 def ds_config(dist: DistConfig, *, batch_size: int, grad_accum: int, world_size: int, grad_clip: float,
-              precision: str, load_universal: bool = False) -> dict:
-    """DeepSpeed's config dict. Optimizer and LR stay ours (a torch optimizer; LR set per step)."""
+              load_universal: bool = False) -> dict:
+    """DeepSpeed's config dict. Optimizer and LR stay ours (a torch optimizer; LR set per step).
+
+    DeepSpeed's bf16 mode stays off: `run.precision: bf16` is torch autocast around the forward (the
+    loop's), and weights, gradients and Adam states stay fp32. DeepSpeed's bf16 mode would cast every
+    parameter to bf16, breaking the backbones' fp32 time-embedding/modulation path (MATH.md §2)."""
     if batch_size % (grad_accum * world_size):
         raise ConfigError("run.batch_size", f"{batch_size} is not divisible by grad_accum {grad_accum} x world size {world_size}")
     zero = {"stage": dist.zero_stage, "reduce_bucket_size": dist.reduce_bucket_size, "allgather_bucket_size": dist.reduce_bucket_size}
@@ -158,7 +163,7 @@ def ds_config(dist: DistConfig, *, batch_size: int, grad_accum: int, world_size:
         "train_micro_batch_size_per_gpu": batch_size // (grad_accum * world_size),
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": float(grad_clip),  # explicit: DeepSpeed would otherwise clip at 1.0
-        "bf16": {"enabled": precision == "bf16", "check_grad_overflow": True},  # ZeRO 1/2 skip a non-finite step
+        "bf16": {"enabled": False},
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # our torch Adam/RAdam/AdamW, wrapped by ZeRO
         "checkpoint": {"load_universal": load_universal},

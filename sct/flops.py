@@ -5,8 +5,9 @@
   dispatches them as aten ops, so they are counted, not estimated), the teacher and the backward.
 - `PEAK_FLOPS`: dense peak FLOP/s per device by name and precision; MFU is None on CPU or unknown GPUs.
 - `zero_model_state_bytes(n, stage, world, ...)`: DeepSpeed's ZeRO formula (Rajbhandari et al. 2020):
-  mixed precision keeps 2 (params) + 2 (grads) + 12 (fp32 master, Adam m and v) bytes per parameter;
-  stage 1 partitions the 12, stage 2 also the gradients, stage 3 also the parameters.
+  "bf16" (DeepSpeed mixed precision) keeps 2 (params) + 2 (grads) + 12 (fp32 master, Adam m and v)
+  bytes per parameter, "fp32" (ours: bf16 compute is autocast) 4 + 4 + 8; stage 1 partitions the
+  optimizer part, stage 2 also the gradients, stage 3 also the parameters.
 
 Tests: `pytest tests/unit/test_flops.py`.
 """

@@ -184,7 +184,8 @@ def run(cfg: LoopConfig, parts: Parts, run_dir: Path, device: torch.device) -> i
     stop = cfg.total_steps if not cfg.max_steps_per_job else min(cfg.total_steps, start + cfg.max_steps_per_job)
     metrics = stats.JSONLWriter(run_dir / "metrics.jsonl", parts.dist.rank)
     progress = stats.Progress(cfg.total_steps, start)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    # ZeRO-3 frees gathered weights after each module: autocast's cache of their bf16 copies would go stale
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16", cache_enabled=parts.dist.zero_stage != 3)
     stats.set_sync(torch.cuda.synchronize if device.type == "cuda" else None)
     stats.collect_times()
     tick_start, tick_step = time.monotonic(), start

@@ -53,9 +53,9 @@ def dry_run(cfg: TrainConfig, world: int) -> None:
     print(f"# backbone parameters: {n:,}")
     stage = cfg.dist.zero_stage if cfg.dist.engine == "deepspeed" else 0
     frozen = n if cfg.objective.name == "scd" else 0
-    mem = zero_model_state_bytes(n, stage, world, cfg.run.precision, n_frozen=frozen, ema_sharded=stage == 3)
+    mem = zero_model_state_bytes(n, stage, world, "fp32", n_frozen=frozen, ema_sharded=stage == 3)  # bf16 = autocast: states stay fp32
     parts = ", ".join(f"{k} {_size(v)}" for k, v in mem.items() if k != "total")
-    print(f"# model states per GPU, ZeRO-{stage} on {world} ranks, {cfg.run.precision}: {_size(mem['total'])} ({parts})"
+    print(f"# model states per GPU, ZeRO-{stage} on {world} ranks (fp32 weights, grads, Adam): {_size(mem['total'])} ({parts})"
           + ("; sCD teacher taken as the student's size" if frozen else "") + "; activations not included")
 
 
@@ -106,7 +106,7 @@ def _train(cfg: TrainConfig, args, d: dist.Dist) -> int:
     if cfg.dist.engine == "deepspeed":
         ema = EMA(net, cfg.ema) if cfg.dist.zero_stage < 3 else None  # before DeepSpeed casts or partitions
         ds_cfg = dist.ds_config(cfg.dist, batch_size=cfg.run.batch_size, grad_accum=cfg.run.grad_accum, world_size=d.world_size,
-                                grad_clip=cfg.optimizer.grad_clip, precision=cfg.run.precision)
+                                grad_clip=cfg.optimizer.grad_clip)
         engine = DeepSpeedEngine(dist.build_deepspeed_engine(module, optimizer, ds_cfg), cfg.run.grad_accum)
         ema = ema or ShardedEMA(net, cfg.ema, make_model=lambda: build_model(cfg.model).to(device))
     else:

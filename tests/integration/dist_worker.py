@@ -5,7 +5,8 @@
 
 Jobs (the process group is created once and reused by every run, so each job costs seconds):
 - train: `sct.train.main` for diffusion and sCT under ZeRO 0, 1, 2 and 3, 5 steps each; run dirs
-  DIR/<objective>_z<stage>/ with rank 0's metrics.jsonl (losses pooled over ranks).
+  DIR/<objective>_z<stage>/ with rank 0's metrics.jsonl (losses pooled over ranks); and sCT in bf16
+  (autocast) under ZeRO-3 (DIR/sct_bf16_z3).
 - preempt: a 60-step ZeRO-2 sCT run in DIR/preempt (the test sends SIGTERM to every process
   mid-run; the worker then exits with the run's status 75 and the same command resumes it, then
   goes on to the next jobs).
@@ -54,6 +55,9 @@ def train_job(out: Path) -> None:
             if objective == "sct":
                 args.append("objective.tangent_warmup_steps=2")
             assert train.main(args) == 0, f"{objective} ZeRO-{stage} failed"
+    args = ["--config", CONFIGS["sct"], *TINY, "objective.tangent_warmup_steps=2", "run.precision=bf16", "dist.zero_stage=3",
+            "run.total_steps=5", f"run.dir={out / 'sct_bf16_z3'}"]
+    assert train.main(args) == 0, "sCT bf16 ZeRO-3 failed"
 
 
 def preempt_job(out: Path) -> None:
@@ -71,7 +75,7 @@ def scd_job(out: Path, d: dist.Dist) -> None:
         assert train.main([*common, f"dist.zero_stage={stage}", "run.total_steps=5", f"run.dir={out / f'scd_z{stage}'}"]) == 0
     cfg = load(TrainConfig, "configs/toy_scd.yaml", [*TINY, f"objective.teacher={teacher}", "dist.zero_stage=3"])
     module = nn.ModuleDict({"net": build_model(cfg.model), "objective": build_objective(cfg)})
-    ds_cfg = dist.ds_config(cfg.dist, batch_size=16, grad_accum=1, world_size=d.world_size, grad_clip=0.0, precision="fp32")
+    ds_cfg = dist.ds_config(cfg.dist, batch_size=16, grad_accum=1, world_size=d.world_size, grad_clip=0.0)
     dist.build_deepspeed_engine(module, build_optimizer(cfg.optimizer, module.parameters()), ds_cfg)
     params = list(module["objective"].velocity.teacher.parameters())
     report = {"params": len(params), "local_numel": sum(p.numel() for p in params), "trainable": any(p.requires_grad for p in params),
@@ -107,7 +111,7 @@ def jvp_snapshot_job(out: Path, d: dist.Dist) -> None:
         nn.init.normal_(p, std=0.3)
     reference = copy.deepcopy(net)
     module = nn.ModuleDict({"net": net, "objective": objective})
-    ds_cfg = dist.ds_config(cfg.dist, batch_size=16, grad_accum=1, world_size=d.world_size, grad_clip=0.0, precision="fp32")
+    ds_cfg = dist.ds_config(cfg.dist, batch_size=16, grad_accum=1, world_size=d.world_size, grad_clip=0.0)
     engine = DeepSpeedEngine(dist.build_deepspeed_engine(module, build_optimizer(cfg.optimizer, module.parameters()), ds_cfg))
     assert all(p.numel() == 0 for p in net.parameters()), "ZeRO-3 did not partition the parameters"
     gen = torch.Generator().manual_seed(1)

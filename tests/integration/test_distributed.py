@@ -79,6 +79,7 @@ def reference_losses(objective: str, ranks_per_step: list[int], overrides=(), sk
     module = nn.ModuleDict({"net": net, "objective": obj})
     opt = build_optimizer(cfg.optimizer, module.parameters())
     x, labels = load_arrays(cfg.data)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.run.precision == "bf16")
     position, out = 0, []
     for step, world in enumerate(ranks_per_step):
         if step in skip:
@@ -90,7 +91,8 @@ def reference_losses(objective: str, ranks_per_step: list[int], overrides=(), sk
             stream = ArrayStream(x, labels, cfg.run.batch_size // world, seed=cfg.data.seed, rank=rank, world_size=world)
             stream.load_state_dict({"position": position})
             torch.manual_seed(step_seed(cfg.run.seed, step, rank))
-            loss = obj(net, next(stream), step)
+            with autocast:
+                loss = obj(net, next(stream), step)
             (loss.mean() / world).backward()  # the all-reduce average of the ranks' gradients
             per_rank.append(loss.detach())
         position += cfg.run.batch_size
@@ -173,6 +175,11 @@ def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(torchrun_job,
     want = reference_losses("sct", [2] * 6, ["run.total_steps=6"], skip=(2, 3))
     got = [r["loss"] for r in records]
     torch.testing.assert_close(torch.tensor([got[i] for i in (0, 1, 4, 5)]), torch.tensor([want[i] for i in (0, 1, 4, 5)]), rtol=1e-5, atol=0)
+
+
+def test_bf16_autocast_under_zero3_matches_the_single_process_bf16_run(torchrun_job):
+    want = reference_losses("sct", [2] * 5, ["run.precision=bf16"])
+    torch.testing.assert_close(torch.tensor(losses(torchrun_job / "sct_bf16_z3")), torch.tensor(want), rtol=1e-5, atol=0)
 
 
 def test_sct_jvp_under_zero3_equals_the_single_process_jvp(torchrun_job):

@@ -28,7 +28,7 @@ from sct.preempt import Preemption
 
 
 def ds(**kw):
-    base = dict(batch_size=32, grad_accum=2, world_size=4, grad_clip=0.0, precision="fp32")
+    base = dict(batch_size=32, grad_accum=2, world_size=4, grad_clip=0.0)
     return dist.ds_config(dist.DistConfig(engine="deepspeed", zero_stage=kw.pop("stage", 2)), **(base | kw))
 
 
@@ -37,8 +37,9 @@ def test_ds_config_is_explicit_about_clipping_batches_and_zero3_forward_ad():
     assert cfg["gradient_clipping"] == 0.0  # present even when off: DeepSpeed's default clips at 1.0
     assert (cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]) == (32, 4, 2)
     assert cfg["zero_optimization"]["stage"] == 2 and "memory_efficient_linear" not in cfg["zero_optimization"]
-    z3 = ds(stage=3, precision="bf16", grad_clip=1.5)
-    assert z3["zero_optimization"]["memory_efficient_linear"] is False and z3["bf16"]["enabled"] and z3["gradient_clipping"] == 1.5
+    z3 = ds(stage=3, grad_clip=1.5)
+    assert z3["zero_optimization"]["memory_efficient_linear"] is False and z3["gradient_clipping"] == 1.5
+    assert not z3["bf16"]["enabled"]  # bf16 is autocast over fp32 weights (the backbones' fp32 conditioning path)
     with pytest.raises(ConfigError, match="run.batch_size"):
         ds(batch_size=30)
 
@@ -66,6 +67,8 @@ def test_dry_run_prints_the_per_gpu_memory_estimate(capsys):
     assert train.main(["--config", "configs/demo_cpu.yaml", "--dry-run", "--world-size", "8", "dist.engine=deepspeed", "dist.zero_stage=3"]) == 0
     out = capsys.readouterr().out
     assert "model states per GPU, ZeRO-3 on 8 ranks" in out
+    n = int(out.split("# backbone parameters: ")[1].split()[0].replace(",", ""))
+    assert f"{n * 16 / 8 / 2**20 + n * 4 / 8 / 2**20:.1f} MiB" in out  # 16 bytes/param of states + fp32 EMA, over 8 ranks
 
 
 def test_flop_counter_sees_the_jvp_tangent_ops():
