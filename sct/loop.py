@@ -23,7 +23,13 @@ from loguru import logger
 from torch import nn
 
 from sct import stats
-from sct.checkpoint import STATE_FILE, atomic_checkpoint_dir, latest_training_state, load_training_state, save_snapshot
+from sct.checkpoint import (
+    STATE_FILE,
+    atomic_checkpoint_dir,
+    latest_training_state,
+    load_training_state,
+    save_snapshot,
+)
 from sct.config import ConfigError
 from sct.dist import Dist, all_gather_objects, all_reduce_max, barrier
 from sct.preempt import Preemption

@@ -29,7 +29,13 @@ from sct.config import ConfigError, parse_cli, save_yaml, to_yaml
 from sct.ema import EMA
 from sct.ema_sharded import ShardedEMA
 from sct.engine import DeepSpeedEngine, TorchEngine
-from sct.experiment import TrainConfig, build_model, build_objective, count_parameters, snapshot_config
+from sct.experiment import (
+    TrainConfig,
+    build_model,
+    build_objective,
+    count_parameters,
+    snapshot_config,
+)
 from sct.flops import peak_flops, step_flops_per_sample, zero_model_state_bytes
 from sct.images import save_curve
 from sct.optim import build_optimizer, lr_at

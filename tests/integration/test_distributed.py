@@ -26,7 +26,12 @@ from torch import nn
 
 from pipelines.arrays import ArrayStream, load_arrays
 from sct.config import load
-from sct.experiment import TrainConfig, build_model, build_objective, load_snapshot_model
+from sct.experiment import (
+    TrainConfig,
+    build_model,
+    build_objective,
+    load_snapshot_model,
+)
 from sct.loop import step_seed
 from sct.optim import build_optimizer, lr_at
 from sct.samplers import generate
@@ -195,6 +200,19 @@ def test_zero3_snapshot_samples_like_the_in_engine_ema(torchrun_job):
     ours = generate(model, cfg.sampling, 2, tuple(stored["shape"]), engine["seeds"], None)
     assert ours.abs().max() > 0.1
     torch.testing.assert_close(ours, engine["samples"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("objective", ["diffusion", "sct"])
+def test_sharded_zero3_ema_equals_the_replicated_zero0_ema(torchrun_job, objective):
+    """The runs' final snapshots: ZeRO-0 keeps a full EMA copy, ZeRO-3 the EMA of each rank's partition."""
+    from sct.checkpoint import load_snapshot
+
+    snap = "snapshots/snapshot_000000005.safetensors"
+    full, _ = load_snapshot(torchrun_job / f"{objective}_z0" / snap)
+    sharded, _ = load_snapshot(torchrun_job / f"{objective}_z3" / snap)
+    assert full.keys() == sharded.keys()
+    for name in full:
+        torch.testing.assert_close(sharded[name], full[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_resume_on_one_process_from_two_ranks_zero3(torchrun_job, tmp_path):
