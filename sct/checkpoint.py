@@ -4,7 +4,8 @@ Owns:
 - resumable training state: `run/checkpoints/step_000001000/` directories written atomically
   (temp dir -> fsync -> `COMPLETE` marker with per-file sha256 -> rename), pruned to the newest
   `keep_last`; `latest_training_state` returns the newest one whose checksums verify.
-  `atomic_checkpoint_dir` yields the temp dir so an engine (DeepSpeed) can add its own files.
+  `atomic_checkpoint_dir` yields the temp dir so an engine (DeepSpeed) can add its own files; with a
+  `barrier` every rank writes into the same temp dir and rank 0 seals it after all are done.
 - inference snapshots: EMA weights as safetensors with the model config in the metadata
   (key "sct_model_config") plus a sibling .json for humans. Generation reads only these.
 
@@ -19,7 +20,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -70,24 +71,41 @@ def _prune(ckpt_root: Path, keep_last: int, protect: Path) -> None:
 
 
 @contextmanager
-def atomic_checkpoint_dir(run_dir: Path, step: int, keep_last: int = 2) -> Iterator[Path]:
+def atomic_checkpoint_dir(run_dir: Path, step: int, keep_last: int = 2, rank: int = 0,
+                          barrier: Callable[[], None] | None = None) -> Iterator[Path]:
     """Yield a temp dir to fill; on clean exit seal it with COMPLETE and move it to step_{step}.
 
+    Multi-rank (`barrier` given): every rank calls this and writes its own files into the same temp
+    dir; rank 0 creates it, and after a barrier (all ranks done) hashes, marks and renames it.
     On an exception the temp dir is removed and the exception re-raised; nothing else changes.
     """
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     ckpt_root = Path(run_dir) / "checkpoints"
-    ckpt_root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:09d}"
-    final, tmp = ckpt_root / name, ckpt_root / f".tmp-{name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    final = ckpt_root / name
+    tmp = ckpt_root / (f".tmp-{name}" if barrier else f".tmp-{name}-{os.getpid()}")
+    if rank == 0:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    if barrier:
+        barrier()
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if barrier:
+        barrier()
+    if rank == 0:
+        _seal(tmp, final, step, ckpt_root, keep_last)
+    if barrier:
+        barrier()
+
+
+def _seal(tmp: Path, final: Path, step: int, ckpt_root: Path, keep_last: int) -> None:
+    """Hash + fsync every file, write the marker, rename tmp -> final (replacing), prune."""
     files = {}
     for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
         _fsync_path(f)
@@ -100,7 +118,7 @@ def atomic_checkpoint_dir(run_dir: Path, step: int, keep_last: int = 2) -> Itera
     for d in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
         _fsync_path(d)
     if final.exists():  # replace: move the old one aside first so a crash leaves a valid dir or none
-        old = ckpt_root / f".old-{name}-{os.getpid()}"
+        old = ckpt_root / f".old-{final.name}-{os.getpid()}"
         os.rename(final, old)
         os.rename(tmp, final)
         shutil.rmtree(old, ignore_errors=True)

@@ -14,6 +14,7 @@ from torch import nn
 from pipelines.data import ArrayDataConfig, ShardDataConfig, data_shape, num_classes
 from sct.checkpoint import load_snapshot
 from sct.config import ConfigError, from_dict, to_dict
+from sct.dist import DistConfig
 from sct.ema import EMAConfig
 from sct.loop import LoopConfig
 from sct.models.dit import DiTConfig, build_dit
@@ -45,6 +46,7 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
     def check(self) -> None:
         wanted = PARAMETERIZATION_OF[self.objective.name]

@@ -3,12 +3,18 @@ snapshots and sample grids. Knows nothing of the objective's math or the engine'
 
 Resume is exact by construction: the RNG is reseeded from (seed, step, rank) at every step, the LR is
 a function of the step, and the checkpoint holds engine, EMA, data position and counters.
+
+Multi-rank: every rank runs this loop; collectives (stats reduction, checkpoint, EMA consolidation,
+the preemption flag) are called by all ranks at the same points, and rank 0 writes the files.
+A preemption signal ends the run at the next step boundary with a checkpoint and `Preempted`.
 """
 from __future__ import annotations
 
+import random
+import resource
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -17,9 +23,16 @@ from loguru import logger
 from torch import nn
 
 from sct import stats
-from sct.checkpoint import latest_training_state, load_training_state, save_snapshot, save_training_state
+from sct.checkpoint import (
+    STATE_FILE,
+    atomic_checkpoint_dir,
+    latest_training_state,
+    load_training_state,
+    save_snapshot,
+)
 from sct.config import ConfigError
-from sct.ema import EMA
+from sct.dist import Dist, all_gather_objects, all_reduce_max, barrier
+from sct.preempt import Preemption
 
 
 @dataclass
@@ -53,65 +66,151 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+class Preempted(Exception):
+    """Raised after the checkpoint that a preemption signal asked for; `.step` is the step it holds."""
+
+    def __init__(self, step: int):
+        super().__init__(f"preempted: checkpointed at step {step}")
+        self.step = step
+
+
 @dataclass
 class Parts:
-    """What the loop drives. `engine` has backward(loss) / step(lr) -> bool / state_dict / load_state_dict."""
+    """What the loop drives. `engine` has backward(loss) / step(lr) -> bool and either
+    state_dict/load_state_dict (one process) or save(dir)/load(dir) (DeepSpeed, collective).
+    `ema` is `sct.ema.EMA` or `sct.ema_sharded.ShardedEMA` (ZeRO-3)."""
 
     net: nn.Module
     objective: nn.Module
     engine: object
-    ema: EMA
+    ema: object
     data: Iterator[dict]
     lr: Callable[[int], float]
     snapshot_config: dict  # model + sampling config stored with each snapshot
     write_samples: Callable[[nn.Module, Path], None]  # EMA model, output stem -> PNG grids
-    rank: int = 0
+    dist: Dist = field(default_factory=Dist)
+    preempt: Preemption | None = None
+    config_text: str = ""  # the resolved YAML, stored in each checkpoint
+    flops_per_sample: float | None = None  # one training step (forward, JVP, teacher, backward)
+    peak_flops: float | None = None  # per device; None: no MFU (CPU)
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step) * 10_007 + rank
 
 
-def _checkpoint(run_dir: Path, step: int, parts: Parts, counters: dict, keep: int) -> None:
-    state = {"step": step, "engine": parts.engine.state_dict(), "ema": parts.ema.state_dict(), "data": parts.data.state_dict(), "counters": counters}
-    path = save_training_state(run_dir, step, state, keep_last=keep)
+def _ema_model(ema) -> nn.Module:
+    """The EMA as a plain module (a collective for the sharded EMA: every rank must call it)."""
+    return ema.full_model() if hasattr(ema, "full_model") else ema.model
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None, "python": random.getstate()}
+
+
+def _checkpoint(run_dir: Path, step: int, parts: Parts, counters: dict, keep: int) -> Path:
+    d = parts.dist
+    ema = parts.ema.state_dict()  # full (consolidated) EMA: independent of the number of ranks
+    data, rng = all_gather_objects(parts.data.state_dict()), all_gather_objects(_rng_state())
+    with atomic_checkpoint_dir(run_dir, step, keep, rank=d.rank, barrier=barrier if d.world_size > 1 else None) as tmp:
+        engine = None
+        if hasattr(parts.engine, "save"):
+            parts.engine.save(tmp)  # every rank writes its own DeepSpeed shard files
+        else:
+            engine = parts.engine.state_dict()
+        if d.rank == 0:
+            state = {"step": step, "engine": engine, "ema": ema, "data": data, "rng": rng, "counters": counters,
+                     "world_size": d.world_size, "config": parts.config_text}
+            torch.save(state, tmp / STATE_FILE)
+    path = Path(run_dir) / "checkpoints" / f"step_{step:09d}"
     logger.info(f"checkpoint: {path}")
-
-
-def _snapshot(run_dir: Path, step: int, parts: Parts) -> Path:
-    path = run_dir / "snapshots" / f"snapshot_{step:09d}.safetensors"
-    save_snapshot(path, parts.ema.model.state_dict(), parts.snapshot_config, extra={"step": step})
     return path
 
 
+def _resume(run_dir: Path, parts: Parts) -> tuple[int, dict] | None:
+    d = parts.dist
+    latest = all_gather_objects(latest_training_state(run_dir) if d.rank == 0 else None)[0]  # rank 0 verifies
+    if latest is None:
+        return None
+    state = load_training_state(latest)
+    if hasattr(parts.engine, "load"):
+        parts.engine.load(latest, state["world_size"])
+    else:
+        parts.engine.load_state_dict(state["engine"])
+    parts.ema.load_state_dict(state["ema"])
+    same = state["world_size"] == d.world_size
+    if not same:
+        logger.warning(f"resuming {state['world_size']} ranks' checkpoint on {d.world_size}: every rank takes rank 0's data position")
+    parts.data.load_state_dict(state["data"][d.rank if same else 0])
+    if same:
+        torch.set_rng_state(state["rng"][d.rank]["torch"])
+        random.setstate(state["rng"][d.rank]["python"])
+    logger.info(f"resumed from {latest} at step {state['step']}")
+    return state["step"], state["counters"]
+
+
+def _snapshot(run_dir: Path, step: int, parts: Parts, model: nn.Module) -> Path:
+    path = run_dir / "snapshots" / f"snapshot_{step:09d}.safetensors"
+    if parts.dist.rank == 0:
+        save_snapshot(path, model.state_dict(), parts.snapshot_config, extra={"step": step})
+    return path
+
+
+def _peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS (KiB on Linux)
+
+
+def _tick_record(cfg: LoopConfig, parts: Parts, done: int, steps: int, seconds: float, device: torch.device) -> dict:
+    """Metrics of the last `steps` steps, pooled over ranks (a collective)."""
+    for name, total in stats.collect_times().items():
+        stats.report(f"time/{name}", total / steps)  # seconds per step on this rank
+    stats.report("mem/peak_gib", _peak_memory_gib(device))
+    pooled = stats.collect(reduce=True)
+    record = {k: v for k, v in pooled.items() if not (k.startswith(("time/", "mem/")) and k.endswith("/std"))}
+    if "time/objective" in record:  # objective = teacher + JVP + gradient forward (and loss arithmetic)
+        record["time/forward"] = record.pop("time/objective") - record.get("time/teacher", 0.0) - record.get("time/jvp", 0.0)
+    record["mem/peak_gib_max"] = all_reduce_max(record["mem/peak_gib"], device)
+    record |= {"step": done, "lr": parts.lr(done - 1), "sec_per_step": seconds / steps, "images_per_s": cfg.batch_size * steps / seconds}
+    if parts.flops_per_sample:
+        record["tflops_per_device"] = parts.flops_per_sample * record["images_per_s"] / parts.dist.world_size / 1e12
+        if parts.peak_flops:
+            record["mfu"] = record["tflops_per_device"] * 1e12 / parts.peak_flops
+    return record
+
+
 def run(cfg: LoopConfig, parts: Parts, run_dir: Path, device: torch.device) -> int:
-    """Train until total_steps (or max_steps_per_job); returns the step reached."""
+    """Train until total_steps (or max_steps_per_job); returns the step reached. Raises `Preempted`."""
     counters = {"skipped": 0, "in_a_row": 0}
     start = 0
-    latest = latest_training_state(run_dir)
-    if latest is not None:
-        state = load_training_state(latest)
-        parts.engine.load_state_dict(state["engine"])
-        parts.ema.load_state_dict(state["ema"])
-        parts.data.load_state_dict(state["data"])
-        counters, start = state["counters"], state["step"]
-        logger.info(f"resumed from {latest} at step {start}")
+    resumed = _resume(run_dir, parts)
+    if resumed is not None:
+        start, counters = resumed
     stop = cfg.total_steps if not cfg.max_steps_per_job else min(cfg.total_steps, start + cfg.max_steps_per_job)
-    metrics = stats.JSONLWriter(run_dir / "metrics.jsonl", parts.rank)
+    metrics = stats.JSONLWriter(run_dir / "metrics.jsonl", parts.dist.rank)
     progress = stats.Progress(cfg.total_steps, start)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    # ZeRO-3 frees gathered weights after each module: autocast's cache of their bf16 copies would go stale
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16", cache_enabled=parts.dist.zero_stage != 3)
+    stats.set_sync(torch.cuda.synchronize if device.type == "cuda" else None)
+    stats.collect_times()
     tick_start, tick_step = time.monotonic(), start
     for step in range(start, stop):
-        torch.manual_seed(step_seed(cfg.seed, step, parts.rank))
+        torch.manual_seed(step_seed(cfg.seed, step, parts.dist.rank))
         parts.net.train()
         for _ in range(cfg.grad_accum):
-            batch = {k: v.to(device, non_blocking=True) for k, v in next(parts.data).items()}
-            with autocast:
+            with stats.timed("data"):
+                batch = {k: v.to(device, non_blocking=True) for k, v in next(parts.data).items()}
+            with autocast, stats.timed("objective"):
                 loss = parts.objective(parts.net, batch, step)
             stats.report("loss", loss.detach())
-            parts.engine.backward(loss.mean())
-        if parts.engine.step(parts.lr(step)):
-            parts.ema.update(parts.net, step)
+            with stats.timed("backward"):
+                parts.engine.backward(loss.mean())
+        with stats.timed("optimizer"):
+            took = parts.engine.step(parts.lr(step))
+        if took:
+            with stats.timed("ema"):
+                parts.ema.update(parts.net, step)
             counters["in_a_row"] = 0
         else:
             counters["skipped"] += 1
@@ -126,16 +225,26 @@ def run(cfg: LoopConfig, parts: Parts, run_dir: Path, device: torch.device) -> i
         done = step + 1
         progress.update(done)
         if done % cfg.log_every == 0 or done == stop:
-            record = {"step": done, "lr": parts.lr(step), "skipped": counters["skipped"], **stats.collect()}
-            record["sec_per_step"] = (time.monotonic() - tick_start) / (done - tick_step)
+            record = _tick_record(cfg, parts, done, done - tick_step, time.monotonic() - tick_start, device)
+            record["skipped"] = counters["skipped"]
             metrics.write(record)
-            logger.info(f"{progress.line()}  loss {record.get('loss', float('nan')):.4f}  lr {record['lr']:.2e}  skipped {counters['skipped']}")
+            mfu = f"  MFU {record['mfu']:.1%}" if "mfu" in record else ""
+            logger.info(f"{progress.line()}  loss {record.get('loss', float('nan')):.4f}  lr {record['lr']:.2e}  "
+                        f"{record['images_per_s']:.1f} img/s{mfu}  skipped {counters['skipped']}")
             tick_start, tick_step = time.monotonic(), done
         last = done == cfg.total_steps
-        if done % cfg.snapshot_every == 0 or last:
-            _snapshot(run_dir, done, parts)
-        if done % cfg.sample_every == 0 or last:
-            parts.write_samples(parts.ema.model, run_dir / "samples" / f"step_{done:09d}")
-        if (done % cfg.checkpoint_every == 0 or done == stop) and counters["in_a_row"] == 0:  # only healthy states
+        snap, grid = done % cfg.snapshot_every == 0 or last, done % cfg.sample_every == 0 or last
+        if snap or grid:
+            model = _ema_model(parts.ema)
+            if snap:
+                _snapshot(run_dir, done, parts, model)
+            if grid and parts.dist.rank == 0:
+                parts.write_samples(model, run_dir / "samples" / f"step_{done:09d}")
+            del model
+        preempted = parts.preempt is not None and parts.preempt.requested_anywhere(device)
+        healthy = counters["in_a_row"] == 0  # checkpoint only healthy states
+        if healthy and (done % cfg.checkpoint_every == 0 or done == stop or preempted):
             _checkpoint(run_dir, done, parts, counters, cfg.keep_checkpoints)
+        if preempted:
+            raise Preempted(done)
     return stop

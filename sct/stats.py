@@ -4,7 +4,9 @@ Owns:
 - `report(name, value)`: the one way to record a metric. Tensors stay on their device (no host
   sync) until `collect()`, which returns means since the last collect plus "<name>/std" and, when
   any were seen, "<name>/nonfinite" (the count of NaN/inf observations, which are left out of the
-  mean). The collector is per process; ranks are not reduced here.
+  mean). `collect(reduce=True)` sums the accumulators over ranks first (all ranks contribute).
+- `timed(name)` / `time_module(module, name)`: wall time of a section, summed into "time/<name>" until `collect_times()`; the
+  device is synchronized around it (CUDA kernels are asynchronous) when `set_sync` gave a function.
 - `JSONLWriter`: rank-0 metrics sink, one JSON object per line.
 - `setup_logging`: loguru sinks (console on rank 0, WARNING+ elsewhere; run_dir/log.txt on rank 0).
 - `Progress`: step, recent it/s and ETA for the status line.
@@ -14,19 +16,88 @@ Tests: `pytest tests/unit/test_stats.py`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+import torch.distributed as tdist
 from loguru import logger
 
 # name -> [count, sum, sumsq, nonfinite]; entries are floats or 0-d tensors on the value's device
 _collector: dict[str, list] = {}
+_times: dict[str, float] = {}  # section name -> seconds since the last collect_times()
+_sync: Callable[[], None] | None = None
+
+
+def set_sync(fn: Callable[[], None] | None) -> None:
+    """Function that waits for the device (torch.cuda.synchronize) around timed sections; None on CPU."""
+    global _sync
+    _sync = fn
+
+
+@contextlib.contextmanager
+def timed(name: str) -> Iterator[None]:
+    if _sync is not None:
+        _sync()
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        if _sync is not None:
+            _sync()
+        _times[name] = _times.get(name, 0.0) + time.perf_counter() - start
+
+
+def time_module(module: torch.nn.Module, name: str) -> None:
+    """Add every forward of `module` to section `name` (forward hooks; for modules called deep inside others)."""
+    starts: list[float] = []
+
+    def pre(*_):
+        if _sync is not None:
+            _sync()
+        starts.append(time.perf_counter())
+
+    def post(*_):
+        if _sync is not None:
+            _sync()
+        _times[name] = _times.get(name, 0.0) + time.perf_counter() - starts.pop()
+
+    module.register_forward_pre_hook(pre)
+    module.register_forward_hook(post)
+
+
+def collect_times() -> dict[str, float]:
+    """Seconds per section since the last call (this rank); resets."""
+    out = dict(_times)
+    _times.clear()
+    return out
+
+
+def _world() -> int:
+    return tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1
+
+
+def _reduce(acc: dict[str, list]) -> dict[str, list]:
+    """Sum every accumulator over ranks; names seen on any rank are kept (others contribute zeros)."""
+    names = sorted(set().union(*[set(n) for n in _all_gather(sorted(acc))]))
+    device = next((v.device for a in acc.values() for v in a if isinstance(v, torch.Tensor)), None)
+    if device is None or (tdist.get_backend() == "nccl" and device.type != "cuda"):
+        device = torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" else torch.device("cpu")
+    flat = torch.tensor([[float(x) for x in acc.get(n, [0.0] * 4)] for n in names], dtype=torch.float64, device=device).reshape(-1, 4)
+    tdist.all_reduce(flat)
+    return {n: flat[i].tolist() for i, n in enumerate(names)}
+
+
+def _all_gather(obj) -> list:
+    out = [None] * _world()
+    tdist.all_gather_object(out, obj)
+    return out
 
 
 def report(name: str, value: float | int | torch.Tensor) -> None:
@@ -48,10 +119,13 @@ def report(name: str, value: float | int | torch.Tensor) -> None:
             acc[i] = acc[i] + x
 
 
-def collect() -> dict[str, float]:
-    """Means (and population std) of everything reported since the last call; resets."""
+def collect(reduce: bool = False) -> dict[str, float]:
+    """Means (and population std) of everything reported since the last call; resets.
+
+    reduce=True (a collective: every rank must call it) pools the observations of all ranks."""
     out: dict[str, float] = {}
-    for name, acc in _collector.items():
+    pooled = _reduce(_collector) if reduce and _world() > 1 else _collector
+    for name, acc in pooled.items():
         count, total, sumsq, nonfinite = (float(x) for x in acc)
         if count > 0:
             mean = total / count

@@ -1,10 +1,16 @@
-"""Training entry point: `python -m sct.train --config configs/demo_cpu.yaml [key=value ...] [--dry-run]`.
+"""Training entry point, alike under every launcher:
+
+    python -m sct.train --config configs/demo_cpu.yaml [key=value ...] [--dry-run [--world-size N]]
+    torchrun --nproc_per_node 8 sct/train.py --config X.yaml dist.engine=deepspeed dist.zero_stage=3
+    deepspeed sct/train.py --config X.yaml                       (DS_ACCELERATOR=cpu on a CPU host)
 
 Builds the pieces a config names and hands them to `sct.loop.run`. The resolved config is saved as
 `<run.dir>/config.yaml`; rerunning the same command resumes from the latest complete checkpoint.
+Exit status: 0 done, 2 config error, 75 preempted (SIGTERM/SIGUSR1; checkpointed, rerun to resume).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from functools import partial
@@ -18,20 +24,23 @@ from loguru import logger
 from torch import nn
 
 from pipelines.data import build_stream, data_shape, num_classes
-from sct import loop, stats
+from sct import dist, loop, stats
 from sct.config import ConfigError, parse_cli, save_yaml, to_yaml
 from sct.ema import EMA
-from sct.engine import TorchEngine
-from sct.experiment import TrainConfig, build_model, build_objective, count_parameters, snapshot_config
+from sct.ema_sharded import ShardedEMA
+from sct.engine import DeepSpeedEngine, TorchEngine
+from sct.experiment import (
+    TrainConfig,
+    build_model,
+    build_objective,
+    count_parameters,
+    snapshot_config,
+)
+from sct.flops import peak_flops, step_flops_per_sample, zero_model_state_bytes
 from sct.images import save_curve
 from sct.optim import build_optimizer, lr_at
+from sct.preempt import EXIT_PREEMPTED, Preemption
 from sct.sample import write_grids
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 def plot_losses(run_dir: Path) -> None:
@@ -39,22 +48,50 @@ def plot_losses(run_dir: Path) -> None:
     save_curve({"loss": [r["loss"] for r in records if "loss" in r]}, run_dir / "loss.png", title=f"{run_dir.name}: loss per tick")
 
 
+def _size(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def dry_run(cfg: TrainConfig, world: int) -> None:
+    print(to_yaml(cfg), end="")
+    with torch.device("meta"):
+        n = count_parameters(build_model(cfg.model).backbone)
+    print(f"# backbone parameters: {n:,}")
+    stage = cfg.dist.zero_stage if cfg.dist.engine == "deepspeed" else 0
+    frozen = n if cfg.objective.name == "scd" else 0
+    mem = zero_model_state_bytes(n, stage, world, "fp32", n_frozen=frozen, ema_sharded=stage == 3)  # bf16 = autocast: states stay fp32
+    parts = ", ".join(f"{k} {_size(v)}" for k, v in mem.items() if k != "total")
+    print(f"# model states per GPU, ZeRO-{stage} on {world} ranks (fp32 weights, grads, Adam): {_size(mem['total'])} ({parts})"
+          + ("; sCD teacher taken as the student's size" if frozen else "") + "; activations not included")
+
+
 def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--world-size", type=int, default=None, help="--dry-run: ranks for the memory estimate (default $WORLD_SIZE or 1)")
     try:
-        cfg, args = parse_cli(sys.argv[1:] if argv is None else argv, TrainConfig)
+        cfg, args = parse_cli(sys.argv[1:] if argv is None else argv, TrainConfig, parser)
+        if args.dry_run:
+            dry_run(cfg, args.world_size or dist.launcher_world_size())
+            return 0
+        d = dist.init(cfg.dist, cfg.run.device)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    if args.dry_run:
-        print(to_yaml(cfg), end="")
-        with torch.device("meta"):
-            print(f"# backbone parameters: {count_parameters(build_model(cfg.model).backbone):,}")
-        return 0
+    try:
+        return _train(cfg, args, d)
+    finally:
+        if d.owns_group:
+            dist.shutdown()
+
+
+def _train(cfg: TrainConfig, args, d: dist.Dist) -> int:
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    stats.setup_logging(run_dir)
-    save_yaml(cfg, run_dir / "config.yaml")
-    device = pick_device(cfg.run.device)
+    stats.setup_logging(run_dir, d.rank)
+    dist.log_setup(d)
+    if d.rank == 0:
+        save_yaml(cfg, run_dir / "config.yaml")
+    device = d.device
     torch.manual_seed(cfg.run.seed)
     net = build_model(cfg.model).to(device)
     try:
@@ -63,21 +100,51 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {args.config}: {e}", file=sys.stderr)
         return 2
     logger.info(f"{cfg.objective.name}: backbone {cfg.model.backbone.name} with {count_parameters(net.backbone):,} parameters on {device}")
+    micro = cfg.run.batch_size // (cfg.run.grad_accum * d.world_size)
+    data = build_stream(cfg.data, micro, rank=d.rank, world_size=d.world_size)
+    probe = {"x": torch.randn(1, *data_shape(cfg.data), device=device)}  # shape-only input for the FLOP count
+    if num_classes(cfg.data):
+        probe["labels"] = torch.eye(num_classes(cfg.data), device=device)[:1]
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.run.precision == "bf16"):
+        flops = step_flops_per_sample(objective, net, probe, 0)
+    torch.manual_seed(cfg.run.seed)
     module = nn.ModuleDict({"net": net, "objective": objective})
-    engine = TorchEngine(module, build_optimizer(cfg.optimizer, module.parameters()), cfg.optimizer.grad_clip, cfg.run.grad_accum)
-    data = build_stream(cfg.data, cfg.run.batch_size // cfg.run.grad_accum)
+    optimizer = build_optimizer(cfg.optimizer, module.parameters())
+    if cfg.dist.engine == "deepspeed":
+        ema = EMA(net, cfg.ema) if cfg.dist.zero_stage < 3 else None  # before DeepSpeed casts or partitions
+        ds_cfg = dist.ds_config(cfg.dist, batch_size=cfg.run.batch_size, grad_accum=cfg.run.grad_accum, world_size=d.world_size,
+                                grad_clip=cfg.optimizer.grad_clip)
+        engine = DeepSpeedEngine(dist.build_deepspeed_engine(module, optimizer, ds_cfg), cfg.run.grad_accum)
+        ema = ema or ShardedEMA(net, cfg.ema, make_model=lambda: build_model(cfg.model).to(device))
+    else:
+        engine, ema = TorchEngine(module, optimizer, cfg.optimizer.grad_clip, cfg.run.grad_accum), EMA(net, cfg.ema)
+    teacher = getattr(getattr(objective, "velocity", None), "teacher", None)
+    if teacher is not None:
+        stats.time_module(teacher, "teacher")
     parts = loop.Parts(
         net=net,
         objective=objective,
         engine=engine,
-        ema=EMA(net, cfg.ema),
+        ema=ema,
         data=data,
         lr=partial(lr_at, cfg.optimizer, total_steps=cfg.run.total_steps),
         snapshot_config=snapshot_config(cfg),
         write_samples=partial(write_grids, cfg=cfg.sampling, shape=data_shape(cfg.data), classes=num_classes(cfg.data), device=device),
+        dist=d,
+        preempt=Preemption().install(),
+        config_text=to_yaml(cfg),
+        flops_per_sample=flops,
+        peak_flops=peak_flops(device, cfg.run.precision),
     )
-    reached = loop.run(cfg.run, parts, run_dir, device)
-    plot_losses(run_dir)
+    try:
+        reached = loop.run(cfg.run, parts, run_dir, device)
+    except loop.Preempted as p:
+        logger.warning(f"{p}; exiting with status {EXIT_PREEMPTED} (rerun the same command to resume)")
+        return EXIT_PREEMPTED
+    finally:
+        parts.preempt.uninstall()
+    if d.rank == 0:
+        plot_losses(run_dir)
     logger.info(f"stopped at step {reached}/{cfg.run.total_steps}; outputs in {run_dir}")
     return 0
 

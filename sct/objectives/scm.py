@@ -1,7 +1,7 @@
 """Continuous-time consistency: sCT (from data) and sCD (distilled from a TrigFlow teacher), MATH.md §3.
 
 `loss_per_sample = SCM(...)(net, batch, step)` with `net` a `TrigFlow` wrapper. The tangent dF of the
-detached network is a JVP (torch.func.jvp under no_grad) or, chosen by config, a central finite
+detached network is a JVP (forward-mode dual tensors under no_grad) or, chosen by config, a central finite
 difference; the gradient-carrying forward is separate. Time, tangent and loss arithmetic stay fp32
 (fp64 when the data is fp64) even when the backbone runs in bf16.
 """
@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from typing import Callable, Literal
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
+from sct import stats
 from sct.config import ConfigError
 from sct.models.attention import forward_ad_mode
 from sct.models.precond import bcast, hi
@@ -62,9 +64,28 @@ class SCDConfig(SCTConfig):
 
 
 def jvp_tangent(fn: Callable, primals: tuple, tangents: tuple) -> tuple[Tensor, Tensor]:
-    """(F⁻, dF) by forward-mode AD on the detached network."""
-    with torch.no_grad(), forward_ad_mode():
-        return torch.func.jvp(fn, primals, tangents)
+    """(F⁻, dF) by forward-mode AD on the detached network.
+
+    Dual tensors (torch.autograd.forward_ad) rather than torch.func.jvp: they pass through modules
+    whose parameters DeepSpeed ZeRO-3 gathers in hooks, where functorch's transform cannot run."""
+    hook = torch.nn.modules.module.register_module_forward_hook(_tangent_dtype_like_primal)
+    try:
+        with torch.no_grad(), forward_ad_mode(), stats.timed("jvp"), fwAD.dual_level():
+            out = fn(*(fwAD.make_dual(p, t) for p, t in zip(primals, tangents)))
+            primal, tangent = fwAD.unpack_dual(out)
+            return primal, torch.zeros_like(primal) if tangent is None else tangent
+    finally:
+        hook.remove()
+
+
+def _tangent_dtype_like_primal(module: nn.Module, args, output):
+    """Under CPU autocast, layer_norm's forward-AD formula returns an fp32 tangent on a bf16 primal
+    (torch 2.14), which the next autocast matmul rejects; cast each module's output tangent back."""
+    if isinstance(output, Tensor):
+        primal, tangent = fwAD.unpack_dual(output)
+        if tangent is not None and tangent.dtype != primal.dtype:
+            return fwAD.make_dual(primal, tangent.to(primal.dtype))
+    return None
 
 
 def finite_difference_tangent(fn: Callable, primals: tuple, tangents: tuple, fd_step: float) -> tuple[Tensor, Tensor]:
