@@ -7,7 +7,13 @@ from __future__ import annotations
 
 from pipelines import arrays
 from pipelines.arrays import ArrayDataConfig
-from pipelines.stream import ShardDataConfig, ShardStream, shard_data_shape, shard_num_classes, verified_manifest
+from pipelines.stream import (
+    ShardDataConfig,
+    ShardStream,
+    shard_data_shape,
+    shard_num_classes,
+    verified_manifest,
+)
 
 DataConfig = ArrayDataConfig | ShardDataConfig
 

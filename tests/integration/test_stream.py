@@ -18,8 +18,18 @@ from PIL import Image
 
 from pipelines import s3
 from pipelines.data import build_stream, data_shape, num_classes
-from pipelines.shards import image_folder_list, read_manifest, write_arrays, write_images
-from pipelines.stream import ShardDataConfig, ShardStream, TooManyBadShards, buffer_order
+from pipelines.shards import (
+    image_folder_list,
+    read_manifest,
+    write_arrays,
+    write_images,
+)
+from pipelines.stream import (
+    ShardDataConfig,
+    ShardStream,
+    TooManyBadShards,
+    buffer_order,
+)
 from sct.config import ConfigError
 
 N, SHARD = 240, 20  # 12 shards
