@@ -1,8 +1,8 @@
 """The streaming reader sct.train uses for shard datasets: WebDataset tars on local disk or S3, split by rank
 and DataLoader worker, shuffled through a buffer, infinite epochs, and a small exactly resumable state.
 
-    cfg = ShardDataConfig(url="s3://bucket/latents", num_workers=2)
-    stream = ShardStream(cfg, read_manifest(cfg.url), batch_size=32, rank=r, world_size=w)
+    cfg = ShardDataConfig(url="s3://bucket/latents", shape=(4, 64, 64), num_classes=1000, num_workers=2)
+    stream = ShardStream(cfg, verified_manifest(cfg), batch_size=32, rank=r, world_size=w)
     batch = next(stream)            # {"x": float [B, ...], "labels": one-hot [B, classes]} (labels if conditional)
     state = stream.state_dict()     # {"batches": n, "workers": [[epoch, position], ...], "fingerprint": {...}}
     stream.load_state_dict(state)   # the next batches are exactly those an uninterrupted stream would give
@@ -14,6 +14,10 @@ simulated on indices first (`buffer_order`); a slot at (epoch, position) therefo
 emitted and resumes by fetching only the shards that still hold unemitted samples. Worker k's batches reach
 the main process in round-robin order (DataLoader's in-order delivery), and the main process records each
 worker's position with every batch it hands out, so prefetched-but-unused batches never count.
+
+The config declares what the dataset is (`shape`, `num_classes`), so loading or --dry-running a config
+never touches storage; `verified_manifest` (called by pipelines.data.build_stream, before step 0) reads the
+manifest and checks the declaration, the kind, the credentials and the endpoint, raising ConfigError("data.*").
 
 Faults: shards are read whole (keep them to a few hundred MB: each worker holds one plus the shuffle buffer)
 through webdataset's gopen (fsspec, in-process) with retries and backoff on
@@ -50,6 +54,8 @@ ENV_PREFIXES = ("AWS_", "GOOGLE_", "AZURE_", "FSSPEC_")
 class ShardDataConfig:
     name: Literal["shards"] = "shards"
     url: str = ""  # folder or fsspec URL (s3://bucket/prefix) holding manifest.json and the shards
+    shape: tuple[int, ...] = ()  # one sample as stored, e.g. [4, 64, 64] (manifest "shape"; checked when the stream is built)
+    num_classes: int = 0  # label classes (manifest "num_classes"; checked when the stream is built if class_conditional)
     class_conditional: bool = True
     seed: int = 0
     num_workers: int = 2  # DataLoader worker processes per rank (0: read in the training process)
@@ -71,9 +77,12 @@ class ShardDataConfig:
         for key in ("prefetch_factor", "shuffle_buffer"):
             if getattr(self, key) < 1:
                 raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
-        kind = manifest_of(self)["kind"]
-        if kind not in ("arrays", "latents"):
-            raise ConfigError("url", f"{self.url} holds {kind} shards: encode images to latents first (python -m pipelines.encode)")
+        if not self.shape or any(d < 1 for d in self.shape):
+            raise ConfigError("shape", f"declare the shape of one sample as stored, e.g. [4, 64, 64] (the manifest's \"shape\"), got {list(self.shape)}")
+        if self.num_classes < 0:
+            raise ConfigError("num_classes", f"must be >= 0, got {self.num_classes}")
+        if self.class_conditional and self.num_classes == 0:
+            raise ConfigError("num_classes", "class_conditional data needs num_classes > 0 (the manifest's \"num_classes\"), or set class_conditional: false")
 
 
 def manifest_of(cfg: ShardDataConfig) -> dict:
@@ -82,16 +91,30 @@ def manifest_of(cfg: ShardDataConfig) -> dict:
         try:
             _MANIFESTS[cfg.url] = read_manifest(cfg.url)
         except (s3.StorageError, ValueError) as e:
-            raise ConfigError("url", str(e)) from None
+            raise ConfigError("data.url", str(e)) from None
     return _MANIFESTS[cfg.url]
 
 
+def verified_manifest(cfg: ShardDataConfig) -> dict:
+    """The manifest, after checking that it is what the config declares (kind, shape, classes)."""
+    manifest = manifest_of(cfg)
+    where = s3.join(cfg.url, "manifest.json")
+    if manifest["kind"] not in ("arrays", "latents"):
+        raise ConfigError("data.url", f"{cfg.url} holds {manifest['kind']} shards: encode images to latents first (python -m pipelines.encode)")
+    if tuple(manifest["shape"]) != tuple(cfg.shape):
+        raise ConfigError("data.shape", f"{where} says samples are {list(manifest['shape'])}, the config declares {list(cfg.shape)}")
+    stored = int(manifest.get("num_classes", 0))
+    if cfg.class_conditional and stored != cfg.num_classes:
+        raise ConfigError("data.num_classes", f"{where} says {stored} classes, the config declares {cfg.num_classes}")
+    return manifest
+
+
 def shard_data_shape(cfg: ShardDataConfig) -> tuple[int, ...]:
-    return tuple(manifest_of(cfg)["shape"])
+    return tuple(cfg.shape)
 
 
 def shard_num_classes(cfg: ShardDataConfig) -> int:
-    return int(manifest_of(cfg).get("num_classes", 0)) if cfg.class_conditional else 0
+    return cfg.num_classes if cfg.class_conditional else 0
 
 
 def normalization(stats: dict) -> tuple[np.ndarray, np.ndarray]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +66,7 @@ def test_image_folder_and_list_writers_record_every_shard_in_the_manifest(tmp_pa
 def test_demo_trains_from_local_shards_and_resumes_exactly(tmp_path):
     url = str(tmp_path / "digits")
     assert shards.main(["arrays", "--dataset", "digits", "--out", url, "--shard-size", "200"]) == 0
-    data = f"data={{name: shards, url: '{url}', num_workers: 2, shuffle_buffer: 64}}"
+    data = f"data={{name: shards, url: '{url}', shape: [1, 16, 16], num_classes: 10, num_workers: 2, shuffle_buffer: 64}}"
     args = DEMO + [data, "run.total_steps=4", "run.checkpoint_every=2"]
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert train.main(args + [f"run.dir={whole}"]) == 0
@@ -82,7 +84,11 @@ def test_demo_trains_from_shards_on_loopback_s3(s3_server, tmp_path):
     import webdataset as wds  # plain WebDataset reads s3:// through the registered fsspec opener too
 
     assert len(list(wds.WebDataset([url + "/shard-000005.tar"], shardshuffle=False, nodesplitter=wds.split_by_node))) == 297
-    data = f"data={{name: shards, url: '{url}', num_workers: 2}}"
+    data = f"data={{name: shards, url: '{url}', shape: [1, 16, 16], num_classes: 10, num_workers: 2}}"
     assert train.main(DEMO + [data, "run.total_steps=3", f"run.dir={tmp_path / 'run'}"]) == 0
     assert len(losses(tmp_path / "run")) == 3
-    assert train.main(DEMO + ["data={name: shards, url: 's3://no-such-bucket/x'}", f"run.dir={tmp_path / 'bad'}"]) == 2
+    # a missing bucket: the config loads (it never reads storage), the stream's start-up check stops the run before step 0
+    bad = DEMO + ["data={name: shards, url: 's3://no-such-bucket/x', shape: [1, 16, 16], num_classes: 10}", f"run.dir={tmp_path / 'bad'}"]
+    done = subprocess.run([sys.executable, "-m", "sct.train", *bad], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode != 0 and "data.url: bucket 'no-such-bucket' does not exist" in done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / "bad" / "metrics.jsonl").exists() and not (tmp_path / "bad" / "checkpoints").exists()

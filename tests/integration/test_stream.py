@@ -1,6 +1,7 @@
 """The shard stream against a real S3 server on loopback (moto, tests/integration/conftest.py) and local
 disk: every sample once per epoch over 2 ranks x 2 DataLoader workers, exact resume from a saved state, an
-S3 outage mid-stream, truncated shards, and start-up failures with clear messages.
+S3 outage mid-stream, truncated shards, config loading that never reads storage, and the start-up
+checks build_stream does (declared shape/classes vs the manifest, credentials, endpoint) with clear messages.
 
 Ranks are simulated: both ranks' streams run in this process (a stream's rank and world size are plain
 arguments; it does no collective), each with its own 2 real worker processes reading over HTTP.
@@ -13,10 +14,22 @@ import time
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from pipelines import s3
-from pipelines.shards import read_manifest, write_arrays
-from pipelines.stream import ShardDataConfig, ShardStream, TooManyBadShards, buffer_order
+from pipelines.data import build_stream, data_shape, num_classes
+from pipelines.shards import (
+    image_folder_list,
+    read_manifest,
+    write_arrays,
+    write_images,
+)
+from pipelines.stream import (
+    ShardDataConfig,
+    ShardStream,
+    TooManyBadShards,
+    buffer_order,
+)
 from sct.config import ConfigError
 
 N, SHARD = 240, 20  # 12 shards
@@ -122,25 +135,58 @@ def test_truncated_shard_is_skipped_and_counted_then_the_threshold_stops_the_run
         take(stream(url, max_bad_shards=0), 40)
 
 
-def test_bad_credentials_and_unreachable_storage_fail_at_config_time(s3_server, monkeypatch):
+def test_loading_a_config_never_touches_storage(s3_server):
+    """check() runs on every config load and --dry-run: with the server down it must still pass."""
+    s3_server.stop()
+    cfg = ShardDataConfig(url="s3://no-such-bucket/data", shape=(1, 4, 4), num_classes=10)
+    cfg.check()
+    assert (data_shape(cfg), num_classes(cfg)) == ((1, 4, 4), 10)
+    with pytest.raises(ConfigError, match="shape: declare the shape of one sample"):
+        ShardDataConfig(url="s3://b/d", num_classes=10).check()
+    with pytest.raises(ConfigError, match="num_classes: class_conditional data needs num_classes > 0"):
+        ShardDataConfig(url="s3://b/d", shape=(1, 4, 4)).check()
+
+
+def test_build_stream_checks_the_declaration_against_the_manifest(tmp_path):
+    url = str(tmp_path / "shards")
+    write_dataset(url, n=40)
+    declared = {"url": url, "shape": (1, 4, 4), "num_classes": 10, "num_workers": 0}
+    assert next(build_stream(ShardDataConfig(**declared), 4))["x"].shape == (4, 1, 4, 4)
+    with pytest.raises(ConfigError, match=r"data\.shape: .*manifest\.json says samples are \[1, 4, 4\], the config declares \[4, 64, 64\]"):
+        build_stream(ShardDataConfig(**{**declared, "shape": (4, 64, 64)}), 4)
+    with pytest.raises(ConfigError, match=r"data\.num_classes: .*manifest\.json says 10 classes, the config declares 1000"):
+        build_stream(ShardDataConfig(**{**declared, "num_classes": 1000}), 4)
+    build_stream(ShardDataConfig(**{**declared, "num_classes": 0, "class_conditional": False}), 4)  # labels unused
+    images = tmp_path / "images"
+    (images / "cat").mkdir(parents=True)
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(images / "cat" / "0.png")
+    write_images(*image_folder_list(images), str(tmp_path / "image_shards"))
+    with pytest.raises(ConfigError, match=r"data\.url: .* holds images shards: encode images to latents first"):
+        build_stream(ShardDataConfig(**{**declared, "url": str(tmp_path / "image_shards")}), 4)
+
+
+def test_bad_credentials_and_unreachable_storage_fail_when_the_stream_is_built(s3_server, monkeypatch):
     url = s3_server.bucket_url() + "/data"
     write_dataset(url, n=40)
+    declared = {"shape": (1, 4, 4), "num_classes": 10}
     s3_server.require_auth(True)  # moto now rejects the made-up key, like AWS with a wrong one
     try:
-        with pytest.raises(ConfigError, match="url: credentials rejected for bucket 'b-[0-9a-f]+' at http://127.0.0.1:[0-9]+ \\((403|InvalidAccessKeyId)\\)"):
-            ShardDataConfig(url=url).check()
+        cfg = ShardDataConfig(url=url, **declared)
+        cfg.check()  # the config itself is fine: only reading the bucket fails
+        with pytest.raises(ConfigError, match="data.url: credentials rejected for bucket 'b-[0-9a-f]+' at http://127.0.0.1:[0-9]+ \\((403|InvalidAccessKeyId)\\)"):
+            build_stream(cfg, 8)
     finally:
         s3_server.require_auth(False)
-    with pytest.raises(ConfigError, match="bucket 'no-such-bucket' does not exist"):
-        ShardDataConfig(url="s3://no-such-bucket/data").check()
+    with pytest.raises(ConfigError, match="data.url: bucket 'no-such-bucket' does not exist"):
+        build_stream(ShardDataConfig(url="s3://no-such-bucket/data", **declared), 8)
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(key)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
     monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
     with pytest.raises(ConfigError, match="no credentials for s3://.*set AWS_ACCESS_KEY_ID"):
-        ShardDataConfig(url=url + "x").check()
+        build_stream(ShardDataConfig(url=url + "x", **declared), 8)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     s3_server.stop()
     with pytest.raises(ConfigError, match="cannot reach http://127.0.0.1:.*AWS_ENDPOINT_URL"):
-        ShardDataConfig(url=url + "y").check()
+        build_stream(ShardDataConfig(url=url + "y", **declared), 8)

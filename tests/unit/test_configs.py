@@ -1,5 +1,8 @@
 """Every YAML in configs/ loads; misspelled keys and impossible combinations fail naming key and file;
-the CLI's --dry-run prints the resolved config."""
+the CLI's --dry-run prints the resolved config. The ImageNet-512 configs (s3:// shards, a teacher file that is
+not here) load and --dry-run offline: an unreachable S3 endpoint is set so that any storage access would fail."""
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +11,7 @@ import pytest
 
 from sct import train
 from sct.config import ConfigError, load
-from sct.experiment import TrainConfig
+from sct.experiment import TrainConfig, build_objective
 
 CONFIGS = sorted(Path("configs").glob("*.yaml"))
 
@@ -57,3 +60,39 @@ def test_dry_run_prints_resolved_config():
                          capture_output=True, text=True, check=True).stdout
     assert "total_steps: 7" in out and "backbone parameters:" in out
     assert load(TrainConfig, "configs/demo_cpu.yaml", ["run.total_steps=7"]).run.total_steps == 7
+
+
+OFFLINE = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "none", "AWS_SECRET_ACCESS_KEY": "none",
+           "AWS_EC2_METADATA_DISABLED": "true"}  # port 9 refuses connections: reading the bucket would fail the run
+
+
+def backbone_parameters(out: str) -> int:
+    return int(re.search(r"# backbone parameters: ([\d,]+)", out).group(1).replace(",", ""))
+
+
+def test_scm_xl_512_dry_run_reads_neither_the_bucket_nor_the_teacher():
+    cfg = load(TrainConfig, "configs/sCM_xl_512.yaml")
+    assert cfg.data.url.startswith("s3://") and cfg.objective.name == "scd" and not Path(cfg.objective.teacher).exists()
+    done = subprocess.run([sys.executable, "-m", "sct.train", "--config", "configs/sCM_xl_512.yaml", "--dry-run"],
+                          capture_output=True, text=True, env={**os.environ, **OFFLINE}, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "preset: edm2-xl" in done.stdout and "precision: bf16" in done.stdout
+    assert 1.0e9 <= backbone_parameters(done.stdout) <= 1.25e9  # EDM2-XL: 1119.4M published (sCM Table 4)
+    with pytest.raises(ConfigError, match="objective.teacher: teacher snapshot not found"):
+        build_objective(cfg)  # the one place the teacher file is opened, when a run starts
+
+
+@pytest.mark.parametrize(("path", "low", "high"), [("configs/sCM_xxl_512.yaml", 1.4e9, 1.7e9),  # XXL: 1523.4M published
+                                                   ("configs/sCT_xl_512.yaml", 1.0e9, 1.25e9)])
+def test_other_512_configs_dry_run_offline(path, low, high, capsys, monkeypatch):
+    for key, value in OFFLINE.items():
+        monkeypatch.setenv(key, value)
+    assert train.main(["--config", path, "--dry-run"]) == 0
+    assert low <= backbone_parameters(capsys.readouterr().out) <= high
+
+
+@pytest.mark.parametrize(("override", "key"), [("data.shape=[4,32,32]", "model.backbone"),
+                                               ("data.num_classes=10", "model.backbone.label_dim")])
+def test_declared_shard_shape_and_classes_are_checked_against_the_model(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load(TrainConfig, "configs/sCM_xl_512.yaml", [override])
