@@ -35,6 +35,7 @@ PARAMETERIZATION_OF = {"ict": "edm_consistency", "diffusion": "trigflow", "sct":
 class ModelConfig:
     backbone: UNetConfig | DiTConfig | MLPConfig = field(default_factory=UNetConfig)
     precond: TrigFlowConfig | EDMConsistencyConfig = field(default_factory=TrigFlowConfig)
+    init_from: str = ""  # inference snapshot whose weights start the run (sCM starts sCD/sCT from the TrigFlow teacher)
 
 
 @dataclass
@@ -71,6 +72,17 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     if cfg.precond.name == "trigflow":
         return TrigFlow(backbone, cfg.precond)
     return EDMConsistency(backbone, cfg.precond)
+
+
+def init_from_snapshot(net: nn.Module, path: str) -> None:
+    """Load a snapshot's weights into a freshly built model; a missing file or another architecture is a ConfigError."""
+    if not Path(path).is_file():
+        raise ConfigError("model.init_from", f"snapshot not found: {path}")
+    state, _ = load_snapshot(Path(path))
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as e:
+        raise ConfigError("model.init_from", f"{path} does not fit model.backbone/model.precond: {str(e).splitlines()[0]}") from None
 
 
 def load_snapshot_model(path: str | Path) -> tuple[nn.Module, dict]:

@@ -34,6 +34,7 @@ from sct.experiment import (
     build_model,
     build_objective,
     count_parameters,
+    init_from_snapshot,
     snapshot_config,
 )
 from sct.flops import peak_flops, step_flops_per_sample, zero_model_state_bytes
@@ -92,16 +93,22 @@ def _train(cfg: TrainConfig, args, d: dist.Dist) -> int:
     if d.rank == 0:
         save_yaml(cfg, run_dir / "config.yaml")
     device = d.device
+    micro = cfg.run.batch_size // (cfg.run.grad_accum * d.world_size)
+    try:  # storage problems (credentials, bucket, manifest vs config) fail here, before any model is built
+        data = build_stream(cfg.data, micro, rank=d.rank, world_size=d.world_size)
+    except ConfigError as e:
+        print(f"config error: {args.config}: {e}", file=sys.stderr)
+        return 2
     torch.manual_seed(cfg.run.seed)
     net = build_model(cfg.model).to(device)
     try:
+        if cfg.model.init_from:
+            init_from_snapshot(net, cfg.model.init_from)
         objective = build_objective(cfg).to(device)
     except ConfigError as e:
         print(f"config error: {args.config}: {e}", file=sys.stderr)
         return 2
     logger.info(f"{cfg.objective.name}: backbone {cfg.model.backbone.name} with {count_parameters(net.backbone):,} parameters on {device}")
-    micro = cfg.run.batch_size // (cfg.run.grad_accum * d.world_size)
-    data = build_stream(cfg.data, micro, rank=d.rank, world_size=d.world_size)
     probe = {"x": torch.randn(1, *data_shape(cfg.data), device=device)}  # shape-only input for the FLOP count
     if num_classes(cfg.data):
         probe["labels"] = torch.eye(num_classes(cfg.data), device=device)[:1]

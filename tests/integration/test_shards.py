@@ -90,5 +90,5 @@ def test_demo_trains_from_shards_on_loopback_s3(s3_server, tmp_path):
     # a missing bucket: the config loads (it never reads storage), the stream's start-up check stops the run before step 0
     bad = DEMO + ["data={name: shards, url: 's3://no-such-bucket/x', shape: [1, 16, 16], num_classes: 10}", f"run.dir={tmp_path / 'bad'}"]
     done = subprocess.run([sys.executable, "-m", "sct.train", *bad], capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode != 0 and "data.url: bucket 'no-such-bucket' does not exist" in done.stderr, done.stderr[-2000:]
+    assert done.returncode == 2 and "data.url: bucket 'no-such-bucket' does not exist" in done.stderr, done.stderr[-2000:]
     assert not (tmp_path / "bad" / "metrics.jsonl").exists() and not (tmp_path / "bad" / "checkpoints").exists()
