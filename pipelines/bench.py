@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             rate, mb = measure(url, workers, args.batch_size, args.epochs)
             rows.append((name, workers, rate, mb))
             print(f"{name:>20} workers={workers}: {rate:8.0f} samples/s {mb:7.1f} MB/s", file=sys.stderr)
-    print(f"\n| source | workers | samples/s | MB/s |\n|---|---:|---:|---:|")
+    print("\n| source | workers | samples/s | MB/s |\n|---|---:|---:|---:|")
     for name, workers, rate, mb in rows:
         print(f"| {name} | {workers} | {rate:,.0f} | {mb:.1f} |")
     return 0

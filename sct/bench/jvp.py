@@ -109,7 +109,7 @@ def bench_attention(args, device: torch.device) -> list[str]:
     if device.type == "cuda" and triton_attention.available():
         kernels["triton"] = triton_attention.triton_jvp_attention
     dtype = DTYPES[args.dtype]
-    rows = [f"| tokens | kernel | JVP ms | peak MiB | tangent max err vs math |", "|---|---|---|---|---|"]
+    rows = ["| tokens | kernel | JVP ms | peak MiB | tangent max err vs math |", "|---|---|---|---|---|"]
     for L in tqdm(args.tokens, desc="attention", leave=False):
         g = torch.Generator().manual_seed(L)
         shape = (args.batch, args.heads, L, args.head_dim)

@@ -16,7 +16,6 @@ Tests: `pytest tests/unit/test_dit.py tests/unit/test_presets.py`.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -26,7 +25,7 @@ from torch import Tensor, nn
 
 from sct.config import ConfigError
 from sct.models.attention import JVP_IMPLS, JVPAttention, attention
-from sct.models.embedding import FourierEmbedding, PositionalEmbedding, WideLinear, wide_dtype
+from sct.models.embedding import ConditioningEmbedding, WideLinear
 from sct.models.unet import block_runner
 
 _SIZES = {"s": (12, 384, 6), "b": (12, 768, 12), "l": (24, 1024, 16), "xl": (28, 1152, 16)}  # depth, width, heads (DiT Table 1)
@@ -148,12 +147,7 @@ class DiT(nn.Module):
         self.cfg = cfg
         D, p = cfg.hidden_size, cfg.patch_size
         self.time_embedding_dim = D
-        if cfg.time_embedding == "positional":
-            self.map_noise: nn.Module = PositionalEmbedding(cfg.frequency_dim)
-        else:
-            self.map_noise = FourierEmbedding(cfg.frequency_dim, cfg.fourier_scale)
-        self.map_layer0, self.map_layer1 = WideLinear(cfg.frequency_dim, D), WideLinear(D, D)
-        self.map_label = WideLinear(cfg.label_dim, D, bias=False) if cfg.label_dim else None
+        self.map = ConditioningEmbedding(cfg.time_embedding, cfg.frequency_dim, D, cfg.label_dim, cfg.fourier_scale)
         self.patch = nn.Conv2d(cfg.img_channels, D, p, stride=p)
         self.register_buffer("pos", sincos_2d(D, cfg.img_resolution // p), persistent=False)
         self.blocks = nn.ModuleList([DiTBlock(cfg) for _ in range(cfg.depth)])
@@ -165,15 +159,7 @@ class DiT(nn.Module):
 
     def embed(self, noise_labels: Tensor, class_labels: Tensor | None = None) -> Tensor:
         """Conditioning vector [B, hidden_size], always computed in fp32 (fp64 for an fp64 net)."""
-        dt = wide_dtype(self.map_layer0.weight)
-        with torch.autocast(device_type=noise_labels.device.type, enabled=False):
-            emb = self.map_noise(noise_labels.to(dt).reshape(-1))
-            emb = self.map_layer1(F.silu(self.map_layer0(emb)))  # Linear-SiLU-Linear
-            if self.map_label is not None and class_labels is not None:
-                emb = emb + self.map_label(class_labels.to(dt) * math.sqrt(self.cfg.label_dim))  # zero row adds 0
-            elif self.map_label is None and class_labels is not None and class_labels.numel():
-                raise ValueError("class_labels given to an unconditional DiT (label_dim=0)")
-        return emb
+        return self.map(noise_labels, class_labels)
 
     def forward(self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None = None) -> Tensor:
         B, C, H, W = x.shape

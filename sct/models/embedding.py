@@ -56,3 +56,29 @@ class FourierEmbedding(nn.Module):
     def forward(self, x_B: Tensor) -> Tensor:
         args_BF = x_B[:, None] * (2 * math.pi * self.freqs.to(x_B.dtype))[None]
         return torch.cat([args_BF.cos(), args_BF.sin()], dim=1)
+
+
+class ConditioningEmbedding(nn.Module):
+    """Noise level and class label -> conditioning vector [B, out_dim], always in fp32 (fp64 for an fp64 net).
+
+    embed(noise) -> Linear-SiLU-Linear, plus a linear map of the one-hot label (scaled by sqrt(label_dim), EDM2);
+    a zero label row (the CFG null label) adds nothing. Shared by the U-Net and the DiT.
+    """
+
+    def __init__(self, kind: str, frequency_dim: int, out_dim: int, label_dim: int, fourier_scale: float):
+        super().__init__()
+        self.label_dim = label_dim
+        self.map_noise = PositionalEmbedding(frequency_dim) if kind == "positional" else FourierEmbedding(frequency_dim, fourier_scale)
+        self.map_layer0, self.map_layer1 = WideLinear(frequency_dim, out_dim), WideLinear(out_dim, out_dim)
+        self.map_label = WideLinear(label_dim, out_dim, bias=False) if label_dim else None
+
+    def forward(self, noise_labels: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        dt = wide_dtype(self.map_layer0.weight)
+        with torch.autocast(device_type=noise_labels.device.type, enabled=False):
+            emb = self.map_noise(noise_labels.to(dt).reshape(-1))
+            emb = self.map_layer1(F.silu(self.map_layer0(emb)))  # Linear-SiLU-Linear
+            if self.map_label is not None and class_labels is not None:
+                emb = emb + self.map_label(class_labels.to(dt) * math.sqrt(self.label_dim))  # zero row adds 0
+            elif self.map_label is None and class_labels is not None and class_labels.numel():
+                raise ValueError("class_labels given to an unconditional backbone (label_dim=0)")
+        return emb

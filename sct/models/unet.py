@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from sct.config import ConfigError
 from sct.models.attention import JVP_IMPLS, JVPAttention, attention, in_forward_ad_mode
-from sct.models.embedding import FourierEmbedding, PositionalEmbedding, WideLinear, wide_dtype
+from sct.models.embedding import ConditioningEmbedding, WideLinear, wide_dtype
 
 
 def _edm2_latent(model_channels: int, dropout: float) -> dict[str, Any]:
@@ -237,12 +237,7 @@ class UNet(nn.Module):
         mc = cfg.model_channels
         widths = [mc * m for m in cfg.channel_mult]
         self.time_embedding_dim = E = 4 * mc  # ADM/EDM; equals EDM2's max(widths) for mult 1-2-3-4
-        if cfg.time_embedding == "positional":
-            self.map_noise: nn.Module = PositionalEmbedding(mc)
-        else:
-            self.map_noise = FourierEmbedding(mc, cfg.fourier_scale)
-        self.map_layer0, self.map_layer1 = WideLinear(mc, E), WideLinear(E, E)
-        self.map_label = WideLinear(cfg.label_dim, E, bias=False) if cfg.label_dim else None
+        self.map = ConditioningEmbedding(cfg.time_embedding, mc, E, cfg.label_dim, cfg.fourier_scale)
 
         # Encoder: a skip is kept after conv_in and after every block (down-sampling ones included).
         self.conv_in = nn.Conv2d(cfg.img_channels, widths[0], 3, padding=1)
@@ -278,15 +273,7 @@ class UNet(nn.Module):
 
     def embed(self, noise_labels: Tensor, class_labels: Tensor | None = None) -> Tensor:
         """Conditioning vector emb [B, time_embedding_dim], always computed in fp32 (fp64 for an fp64 net)."""
-        dt = wide_dtype(self.map_layer0.weight)
-        with torch.autocast(device_type=noise_labels.device.type, enabled=False):
-            emb = self.map_noise(noise_labels.to(dt).reshape(-1))
-            emb = self.map_layer1(F.silu(self.map_layer0(emb)))  # Linear-SiLU-Linear
-            if self.map_label is not None and class_labels is not None:
-                emb = emb + self.map_label(class_labels.to(dt) * math.sqrt(self.cfg.label_dim))  # zero row adds 0
-            elif self.map_label is None and class_labels is not None and class_labels.numel():
-                raise ValueError("class_labels given to an unconditional UNet (label_dim=0)")
-        return emb
+        return self.map(noise_labels, class_labels)
 
     def forward(self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None = None) -> Tensor:
         emb = self.embed(noise_labels, class_labels)
