@@ -1,16 +1,17 @@
 """Sample quality on the 2-D Gaussian mixture: a TrigFlow teacher, iCT, sCT and sCD trained on CPU;
 1- and 2-step samples scored by sliced Wasserstein distance (SWD) to held-out data, relative to the
-teacher's 32-step Heun ODE samples and to the starting noise. About 7 minutes on 2 cores.
+teacher's 32-step Heun ODE samples and to the starting noise. About 6 minutes on 2 cores.
 
-The issue's target is <= 2x the teacher for every row. Met: iCT 2-step, sCT 1- and 2-step. Not yet met,
-and bounded here at what was measured (docs/toy_quality.md) so a regression still fails: iCT 1-step
-(2.1x measured) and sCD 2-step (3.3x measured; sCD distillation is the open problem of this toy)."""
+The issue's target is <= 2x the teacher for every row. Met: iCT 2-step, sCT 1- and 2-step, sCD 1- and
+2-step. Not met: iCT 1-step, bounded here at 3x so a regression still fails (2.5x measured in this
+test's setting; 1.8x to 8.5x across training seeds, see docs/benchmarks.md: on this toy, 5,000 iCT
+steps do not train the σ_max end of the consistency chain reliably)."""
 import pytest
 import torch
 
 from sct import toy
 
-BOUND_VS_TEACHER = {"iCT 1-step": 3.0, "iCT 2-step": 2.0, "sCT 1-step": 2.0, "sCT 2-step": 2.0, "sCD 2-step": 4.0}
+BOUND_VS_TEACHER = {"iCT 1-step": 3.0, "iCT 2-step": 2.0, "sCT 1-step": 2.0, "sCT 2-step": 2.0, "sCD 1-step": 2.0, "sCD 2-step": 2.0}
 
 
 @pytest.fixture(scope="module")
