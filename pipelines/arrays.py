@@ -83,7 +83,7 @@ def load_arrays(cfg: ArrayDataConfig, split: str = "train") -> tuple[Tensor, Ten
         gen = torch.Generator().manual_seed(cfg.seed + (0 if split == "train" else 1))
         x = gaussian_mixture(50_000 if split == "train" else 5_000, gen)
         classes = np.zeros(len(x), dtype=np.int64)
-    labels = torch.nn.functional.one_hot(torch.as_tensor(classes, dtype=torch.long), 10).float()
+    labels = torch.nn.functional.one_hot(torch.tensor(np.asarray(classes), dtype=torch.long), 10).float()
     if num_classes(cfg) == 0:
         labels = labels[:, :0]
     logger.info(f"data: {name} {split}, {len(x)} samples of shape {tuple(x.shape[1:])}, {labels.shape[1]} classes")

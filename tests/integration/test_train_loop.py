@@ -68,11 +68,12 @@ def test_snapshot_samples_through_the_cli(tmp_path):
 
 
 def test_scd_distills_a_teacher_snapshot(tmp_path):
-    """diffusion -> snapshot -> sCD reading it through objective.teacher; loss finite."""
+    """diffusion -> snapshot -> sCD reading it through objective.teacher, the student starting from it
+    (model.init_from); loss finite."""
     teacher_dir, student_dir = tmp_path / "teacher", tmp_path / "student"
     assert train.main(["--config", "configs/toy_diffusion.yaml", *SMALL, f"run.dir={teacher_dir}", "run.total_steps=4", "sampling.steps=[4]"]) == 0
     snap = teacher_dir / "snapshots" / "snapshot_000000004.safetensors"
-    assert train.main(["--config", "configs/toy_scd.yaml", *SMALL, f"run.dir={student_dir}", "run.total_steps=4", f"objective.teacher={snap}"]) == 0
+    assert train.main(["--config", "configs/toy_scd.yaml", *SMALL, f"run.dir={student_dir}", "run.total_steps=4", f"objective.teacher={snap}", f"model.init_from={snap}"]) == 0
     records = [json.loads(line) for line in (student_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 4 and all(r["loss"] == r["loss"] and abs(r["loss"]) < 1e3 for r in records)
     assert train.main(["--config", "configs/toy_scd.yaml", *SMALL, f"run.dir={tmp_path / 'x'}", "objective.teacher=/nonexistent.safetensors"]) == 2
