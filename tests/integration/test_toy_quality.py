@@ -4,8 +4,8 @@ teacher's 32-step Heun ODE samples and to the starting noise. About 6 minutes on
 
 The issue's target is <= 2x the teacher for every row. Met: iCT 2-step, sCT 1- and 2-step, sCD 1- and
 2-step. Not met: iCT 1-step, bounded here at 3x so a regression still fails (2.5x measured in this
-test's setting; 1.8x to 8.5x across training seeds, see docs/benchmarks.md: on this toy, 5,000 iCT
-steps do not train the σ_max end of the consistency chain reliably)."""
+test's setting; 1.8x to 8.5x across training seeds, and worse with longer training: see
+docs/benchmarks.md)."""
 import pytest
 import torch
 
