@@ -18,6 +18,7 @@ Tests: `pytest tests/unit/test_attention.py`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -81,27 +82,35 @@ def online_attention(q: Tensor, k: Tensor, v: Tensor, tq: Tensor | None = None, 
     return out, tout
 
 
-class _ChunkedJVPAttention(torch.autograd.Function):
-    """O = attention(q, k, v) with a chunked forward-mode rule; the jvp pass recomputes O with its tangent."""
+def forward_mode_attention(with_tangent: Callable[..., tuple[Tensor, Tensor | None]], name: str) -> type[torch.autograd.Function]:
+    """An autograd.Function computing O = attention(q, k, v) with `with_tangent(q, k, v)`; its jvp reruns
+    `with_tangent(q, k, v, tq, tk, tv)` for the tangent (O recomputed). Forward mode only: backward raises."""
 
-    @staticmethod
-    def forward(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        return online_attention(q, k, v)[0]
+    class _JVPAttention(torch.autograd.Function):
+        @staticmethod
+        def forward(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            return with_tangent(q, k, v)[0]
 
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        ctx.save_for_forward(*inputs)
+        @staticmethod
+        def setup_context(ctx, inputs, output) -> None:
+            ctx.save_for_forward(*inputs)
 
-    @staticmethod
-    def jvp(ctx, tq: Tensor | None, tk: Tensor | None, tv: Tensor | None) -> Tensor:
-        q, k, v = ctx.saved_tensors
-        _, tout = online_attention(q, k, v, tq, tk, tv)
-        return torch.zeros_like(q.new_empty(*q.shape[:-1], v.shape[-1])) if tout is None else tout
+        @staticmethod
+        def jvp(ctx, tq: Tensor | None, tk: Tensor | None, tv: Tensor | None) -> Tensor:
+            q, k, v = ctx.saved_tensors
+            tout = with_tangent(q, k, v, tq, tk, tv)[1]
+            return q.new_zeros(*q.shape[:-1], v.shape[-1]) if tout is None else tout
 
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        raise RuntimeError("the chunked JVP attention has no backward; sct.models.attention.attention() uses "
-                           "math_attention or SDPA when gradients are needed")
+        @staticmethod
+        def backward(ctx, grad: Tensor):
+            raise RuntimeError(f"the {name} JVP attention has no backward; sct.models.attention.attention() uses "
+                               "math_attention or SDPA when gradients are needed")
+
+    _JVPAttention.__name__ = f"_{name.capitalize()}JVPAttention"
+    return _JVPAttention
+
+
+_ChunkedJVPAttention = forward_mode_attention(lambda *args: online_attention(*args), "chunked")  # looked up per call
 
 
 def chunked_jvp_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:

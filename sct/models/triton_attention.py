@@ -21,6 +21,8 @@ import math
 import torch
 from torch import Tensor
 
+from sct.models.chunked_attention import forward_mode_attention
+
 try:
     import triton
     import triton.language as tl
@@ -142,27 +144,7 @@ def _(q, k, v, tq, tk, tv, with_tangent):
     return o, (q.new_empty(q.shape) if with_tangent else q.new_empty(0)), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
-class _TritonJVPAttention(torch.autograd.Function):
-    """O from the kernel without tangent; its jvp reruns the kernel with the tangent (O recomputed, dO kept)."""
-
-    @staticmethod
-    def forward(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        return attention_with_tangent(q, k, v)[0]
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        ctx.save_for_forward(*inputs)
-
-    @staticmethod
-    def jvp(ctx, tq: Tensor | None, tk: Tensor | None, tv: Tensor | None) -> Tensor:
-        q, k, v = ctx.saved_tensors
-        _, tout, _ = attention_with_tangent(q, k, v, tq, tk, tv)
-        return torch.zeros_like(q) if tout is None else tout
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        raise RuntimeError("the Triton JVP attention has no backward; sct.models.attention.attention() uses "
-                           "math_attention or SDPA when gradients are needed")
+_TritonJVPAttention = forward_mode_attention(lambda *args: attention_with_tangent(*args)[:2], "Triton")
 
 
 def triton_jvp_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
