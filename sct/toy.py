@@ -77,14 +77,8 @@ def train(net: nn.Module, objective: nn.Module, data: Tensor, s: ToySettings, st
     return ema.model
 
 
-def mlp(s: ToySettings) -> MLP:
-    return MLP(MLPConfig(hidden=s.hidden, depth=s.depth))
-
-
-def ict_mlp(s: ToySettings) -> MLP:
-    """Positional, not the paper's Fourier-0.02 embedding: with Fourier features the MLP never learned σ > 17,
-    which only 2.4% of lognormal draws reach, and 1-step samples were a blob (docs/benchmarks.md)."""
-    return MLP(MLPConfig(hidden=s.hidden, depth=s.depth, dropout=s.dropout_ict))
+def mlp(s: ToySettings, dropout: float = 0.0) -> MLP:
+    return MLP(MLPConfig(hidden=s.hidden, depth=s.depth, dropout=dropout))
 
 
 def run(s: ToySettings) -> dict[str, dict[str, float]]:
@@ -107,8 +101,10 @@ def run(s: ToySettings) -> dict[str, dict[str, float]]:
     t0 = time.time()
     torch.manual_seed(2)  # each network's initialization depends on its own seed, not on the runs before it
     ict_cfg = EDMConsistencyConfig()
+    # Positional, not the paper's Fourier-0.02 embedding: with Fourier features the MLP never learned σ > 17,
+    # which only 2.4% of lognormal draws reach, and 1-step samples were a blob (docs/benchmarks.md).
     ict_objective = ICT(ICTConfig(), s.steps_ict, ict_cfg.sigma_min, ict_cfg.sigma_max)
-    ict = train(EDMConsistency(ict_mlp(s), ict_cfg), ict_objective, train_data, s, s.steps_ict, 2, s.ema_decay_ict)
+    ict = train(EDMConsistency(mlp(s, s.dropout_ict), ict_cfg), ict_objective, train_data, s, s.steps_ict, 2, s.ema_decay_ict)
     seconds = time.time() - t0
     score("iCT 1-step", consistency_sample(ict, seeds, (2,)), seconds)
     score("iCT 2-step", consistency_sample(ict, seeds, (2,), mids=[0.821]), seconds)
