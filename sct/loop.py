@@ -32,7 +32,7 @@ from sct.checkpoint import (
 )
 from sct.config import ConfigError
 from sct.dist import Dist, all_gather_objects, all_reduce_max, barrier
-from sct.preempt import Preemption
+from sct.dist.preempt import Preemption
 
 
 @dataclass
@@ -78,7 +78,7 @@ class Preempted(Exception):
 class Parts:
     """What the loop drives. `engine` has backward(loss) / step(lr) -> bool and either
     state_dict/load_state_dict (one process) or save(dir)/load(dir) (DeepSpeed, collective).
-    `ema` is `sct.ema.EMA` or `sct.ema_sharded.ShardedEMA` (ZeRO-3)."""
+    `ema` is `sct.ema.EMA` or `sct.dist.ema_sharded.ShardedEMA` (ZeRO-3)."""
 
     net: nn.Module
     objective: nn.Module

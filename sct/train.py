@@ -26,9 +26,11 @@ from torch import nn
 from pipelines.data import build_stream, data_shape, num_classes
 from sct import dist, loop, stats
 from sct.config import ConfigError, parse_cli, save_yaml, to_yaml
+from sct.dist.ema_sharded import ShardedEMA
+from sct.dist.engine import DeepSpeedEngine, TorchEngine
+from sct.dist.flops import peak_flops, step_flops_per_sample, zero_model_state_bytes
+from sct.dist.preempt import EXIT_PREEMPTED, Preemption
 from sct.ema import EMA
-from sct.ema_sharded import ShardedEMA
-from sct.engine import DeepSpeedEngine, TorchEngine
 from sct.experiment import (
     TrainConfig,
     build_model,
@@ -37,10 +39,8 @@ from sct.experiment import (
     init_from_snapshot,
     snapshot_config,
 )
-from sct.flops import peak_flops, step_flops_per_sample, zero_model_state_bytes
 from sct.images import save_curve
 from sct.optim import build_optimizer, lr_at
-from sct.preempt import EXIT_PREEMPTED, Preemption
 from sct.sample import write_grids
 
 

@@ -35,8 +35,8 @@ from torch import nn  # noqa: E402
 from sct import dist, loop, train  # noqa: E402
 from sct.checkpoint import save_snapshot  # noqa: E402
 from sct.config import load  # noqa: E402
-from sct.ema_sharded import ShardedEMA  # noqa: E402
-from sct.engine import DeepSpeedEngine  # noqa: E402
+from sct.dist.ema_sharded import ShardedEMA  # noqa: E402
+from sct.dist.engine import DeepSpeedEngine  # noqa: E402
 from sct.experiment import TrainConfig, build_model, build_objective, snapshot_config  # noqa: E402
 from sct.objectives.scm import jvp_tangent  # noqa: E402
 from sct.optim import build_optimizer  # noqa: E402

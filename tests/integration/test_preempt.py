@@ -1,5 +1,5 @@
 """Preemption in one plain `python` process (no launcher in between): SIGUSR1 -> checkpoint at the
-next step boundary and exit status 75 (sct.preempt.EXIT_PREEMPTED); the same command resumes and
+next step boundary and exit status 75 (sct.dist.preempt.EXIT_PREEMPTED); the same command resumes and
 the loss sequence equals an uninterrupted run. The 2-rank version is in test_distributed.py."""
 import json
 import os
@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from sct import train
-from sct.preempt import EXIT_PREEMPTED
+from sct.dist.preempt import EXIT_PREEMPTED
 
 ROOT = Path(__file__).resolve().parents[2]
 ARGS = ["--config", "configs/toy_sct.yaml", "model.backbone.hidden=32", "model.backbone.depth=1", "run.batch_size=64",

@@ -33,8 +33,8 @@ def test_resume_reproduces_the_uninterrupted_loss_sequence(tmp_path, objective):
 
 
 def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path, monkeypatch):
-    from sct.objectives import scm
     from sct.loop import NonFiniteLossError
+    from sct.objectives import scm
 
     real = scm.SCM.forward
 

@@ -15,15 +15,15 @@ from torch.utils.flop_counter import FlopCounterMode
 from sct import dist, stats, train
 from sct.checkpoint import MARKER, atomic_checkpoint_dir, latest_training_state
 from sct.config import ConfigError, from_dict
+from sct.dist.ema_sharded import ShardedEMA
+from sct.dist.flops import peak_flops, zero_model_state_bytes
+from sct.dist.preempt import Preemption
 from sct.ema import EMA, EMAConfig
-from sct.ema_sharded import ShardedEMA
 from sct.experiment import ModelConfig, build_model
-from sct.flops import peak_flops, zero_model_state_bytes
 from sct.loop import LoopConfig
 from sct.objectives.ict import ICTConfig
 from sct.objectives.scm import jvp_tangent
 from sct.optim import OptimizerConfig
-from sct.preempt import Preemption
 from sct.samplers import SamplingConfig
 
 

@@ -2,9 +2,9 @@
 float64 central differences <= 1e-6, fp32 and bf16 errors reported; it catches a wrong JVP; the CLI runs."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
-import pytest
 
 from sct import jvp_check
 from sct.jvp_check import check_jvp, randomize_

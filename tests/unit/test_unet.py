@@ -13,6 +13,7 @@ from sct.config import ConfigError
 from sct.models.attention import attention, forward_ad_mode, in_forward_ad_mode, math_attention
 from sct.models.unet import AttentionBlock, Modulation, UNet, UNetConfig, build_unet
 
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """Tiny nets: intra-op threads only add spin-wait cost on a shared 2-core machine (10x slower seen)."""

@@ -1,6 +1,6 @@
 """Step time, throughput, MFU and peak memory per config and ZeRO stage, as a table:
 
-    python -m sct.bench_dist --configs configs/A.yaml configs/B.yaml --stages 2 3 --steps 20 [--nproc 8] [key=value ...]
+    python -m sct.bench dist --configs configs/A.yaml configs/B.yaml --stages 2 3 --steps 20 [--nproc 8] [key=value ...]
 
 Each (config, stage) runs `sct.train` for `--steps` steps in a fresh run dir under `--out` (torchrun
 when --nproc > 1), with no snapshots or sample grids, and reports its second tick (the first one holds
@@ -34,7 +34,7 @@ def run_one(config: str, stage: int, args: argparse.Namespace) -> dict:
     return records[-1]
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", required=True)
     parser.add_argument("--stages", nargs="+", type=int, default=[2, 3])
@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> None:
             r = run_one(config, stage, args)
             cells = [f"{r[c]:.4g}" if c in r else "-" for c in cols]
             print(f"| {Path(config).stem} | {stage} | " + " | ".join(cells) + " |", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
