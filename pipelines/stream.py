@@ -43,11 +43,11 @@ from loguru import logger
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipelines import s3
-from pipelines.resume_map import ResumeMap, buffer_order, fresh_plan, rng as _rng  # noqa: F401 - buffer_order: re-exported
+from pipelines.resume_map import ResumeMap, buffer_order, fresh_plan  # noqa: F401 - buffer_order: re-exported
+from pipelines.resume_map import rng as _rng
 from pipelines.shards import npy_load, read_manifest
 from sct.config import ConfigError
 
-s3.register_gopen()
 _MANIFESTS: dict[str, dict] = {}
 SIGMA_DATA = 0.5  # EDM2's latent normalization target
 ENV_PREFIXES = ("AWS_", "GOOGLE_", "AZURE_", "FSSPEC_")
