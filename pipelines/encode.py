@@ -13,7 +13,8 @@ applies the inverse before the VAE decoder.
 
 At scale: the same command under torchrun, the deepspeed launcher or srun (one process per GPU)
 
-    torchrun --nproc_per_node 8 -m pipelines.encode --images ... --out ...     # or: srun python -m pipelines.encode ...
+    torchrun --nproc_per_node 8 -m pipelines.encode --images ... --out ...
+    deepspeed --num_gpus 8 --module pipelines.encode ...    # or: srun --ntasks-per-node 8 python -m pipelines.encode ...
 
 Each rank (RANK/WORLD_SIZE/LOCAL_RANK, else SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID) encodes a contiguous
 block of the source shards (balanced by sample count) into its own output shards, numbered and keyed so that
@@ -232,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--create-bucket", action="store_true", help="create the bucket of --out if it does not exist")
     parser.add_argument("--merge-timeout", type=float, default=86400.0, help="seconds rank 0 waits for the other ranks' parts")
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's; LOCAL_RANK is read
     args = parser.parse_args(argv)
     rank, world_size, local_rank = world()
     device = f"cuda:{local_rank}" if args.device == "cuda" else args.device

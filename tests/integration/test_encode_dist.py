@@ -89,6 +89,23 @@ def test_rank_sources_and_blocks():
             del os.environ[key]
 
 
+def test_progress_without_a_terminal_logs_count_rate_and_eta():
+    from loguru import logger
+
+    from pipelines.progress import Progress
+
+    lines: list[str] = []
+    sink = logger.add(lines.append, format="{message}")
+    try:
+        with Progress(4, "encode rank 0/1 -> x", "image", every_s=0) as bar:  # pytest's stderr is not a terminal
+            for _ in range(4):
+                bar.update()
+    finally:
+        logger.remove(sink)
+    assert len(lines) == 5 and lines[1].startswith("encode rank 0/1 -> x: 2/4 (50.0%) images, ") and ", ETA 0:00:0" in lines[1]
+    assert "image/s, elapsed 0:00:00" in lines[-1]
+
+
 def test_writers_fail_in_one_line_before_work_or_create_the_bucket(image_shards, s3_server, vae_dir, capsys, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pipelines.encode", "--images", image_shards, "--out", "s3://no-such-bucket/latents",
                            "--vae", str(vae_dir)], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120, check=False)
