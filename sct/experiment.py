@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from torch import nn
 
@@ -20,6 +21,7 @@ from sct.loop import LoopConfig
 from sct.models.dit import DiTConfig, build_dit
 from sct.models.mlp import MLPConfig, build_mlp
 from sct.models.precond import EDMConsistency, EDMConsistencyConfig, TrigFlow, TrigFlowConfig
+from sct.models.speed import channels_last
 from sct.models.unet import UNetConfig, build_unet
 from sct.objectives.diffusion import DiffusionConfig, TrigFlowDiffusion
 from sct.objectives.ict import ICT, ICTConfig
@@ -36,6 +38,9 @@ class ModelConfig:
     backbone: UNetConfig | DiTConfig | MLPConfig = field(default_factory=UNetConfig)
     precond: TrigFlowConfig | EDMConsistencyConfig = field(default_factory=TrigFlowConfig)
     init_from: str = ""  # inference snapshot whose weights start the run (sCM starts sCD/sCT from the TrigFlow teacher)
+    channels_last: bool = False  # convolutions in NHWC memory format (sct.models.speed)
+    compile: Literal["none", "backbone"] = "none"  # torch.compile of the backbone's gradient forward/backward (sct.models.speed)
+    compile_backend: str = "inductor"  # torch.compile backend ("aot_eager": no code generation, for tests)
 
 
 @dataclass
@@ -69,9 +74,8 @@ class TrainConfig:
 def build_model(cfg: ModelConfig) -> nn.Module:
     """precond(backbone) from the model config."""
     backbone = BACKBONES[cfg.backbone.name](cfg.backbone)
-    if cfg.precond.name == "trigflow":
-        return TrigFlow(backbone, cfg.precond)
-    return EDMConsistency(backbone, cfg.precond)
+    net = TrigFlow(backbone, cfg.precond) if cfg.precond.name == "trigflow" else EDMConsistency(backbone, cfg.precond)
+    return channels_last(net) if cfg.channels_last else net
 
 
 def init_from_snapshot(net: nn.Module, path: str) -> None:

@@ -180,6 +180,33 @@ def _tick_record(cfg: LoopConfig, parts: Parts, done: int, steps: int, seconds: 
     return record
 
 
+def step_autocast(cfg: LoopConfig, parts: Parts, device: torch.device) -> torch.autocast:
+    """bf16 autocast of the objective (a no-op under fp32)."""
+    # ZeRO-3 frees gathered weights after each module: autocast's cache of their bf16 copies would go stale
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16", cache_enabled=parts.dist.zero_stage != 3)
+
+
+def train_step(cfg: LoopConfig, parts: Parts, step: int, device: torch.device, autocast: torch.autocast) -> bool:
+    """One optimizer step (grad_accum micro-batches, engine step, EMA), timed into sections
+    data/objective/backward/optimizer/ema; returns False when the engine skipped a non-finite step."""
+    torch.manual_seed(step_seed(cfg.seed, step, parts.dist.rank))
+    parts.net.train()
+    for _ in range(cfg.grad_accum):
+        with stats.timed("data"):
+            batch = {k: v.to(device, non_blocking=True) for k, v in next(parts.data).items()}
+        with autocast, stats.timed("objective"):
+            loss = parts.objective(parts.net, batch, step)
+        stats.report("loss", loss.detach())
+        with stats.timed("backward"):
+            parts.engine.backward(loss.mean())
+    with stats.timed("optimizer"):
+        took = parts.engine.step(parts.lr(step))
+    if took:
+        with stats.timed("ema"):
+            parts.ema.update(parts.net, step)
+    return took
+
+
 def run(cfg: LoopConfig, parts: Parts, run_dir: Path, device: torch.device) -> int:
     """Train until total_steps (or max_steps_per_job); returns the step reached. Raises `Preempted`."""
     counters = {"skipped": 0, "in_a_row": 0}
@@ -190,27 +217,12 @@ def run(cfg: LoopConfig, parts: Parts, run_dir: Path, device: torch.device) -> i
     stop = cfg.total_steps if not cfg.max_steps_per_job else min(cfg.total_steps, start + cfg.max_steps_per_job)
     metrics = stats.JSONLWriter(run_dir / "metrics.jsonl", parts.dist.rank)
     progress = stats.Progress(cfg.total_steps, start)
-    # ZeRO-3 frees gathered weights after each module: autocast's cache of their bf16 copies would go stale
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16", cache_enabled=parts.dist.zero_stage != 3)
+    autocast = step_autocast(cfg, parts, device)
     stats.set_sync(torch.cuda.synchronize if device.type == "cuda" else None)
     stats.collect_times()
     tick_start, tick_step = time.monotonic(), start
     for step in range(start, stop):
-        torch.manual_seed(step_seed(cfg.seed, step, parts.dist.rank))
-        parts.net.train()
-        for _ in range(cfg.grad_accum):
-            with stats.timed("data"):
-                batch = {k: v.to(device, non_blocking=True) for k, v in next(parts.data).items()}
-            with autocast, stats.timed("objective"):
-                loss = parts.objective(parts.net, batch, step)
-            stats.report("loss", loss.detach())
-            with stats.timed("backward"):
-                parts.engine.backward(loss.mean())
-        with stats.timed("optimizer"):
-            took = parts.engine.step(parts.lr(step))
-        if took:
-            with stats.timed("ema"):
-                parts.ema.update(parts.net, step)
+        if train_step(cfg, parts, step, device, autocast):
             counters["in_a_row"] = 0
         else:
             counters["skipped"] += 1

@@ -40,6 +40,7 @@ from sct.experiment import (
     snapshot_config,
 )
 from sct.images import save_curve
+from sct.models.speed import compile_gradient_path
 from sct.optim import build_optimizer, lr_at
 from sct.sample import write_grids
 
@@ -64,6 +65,21 @@ def dry_run(cfg: TrainConfig, world: int) -> None:
     parts = ", ".join(f"{k} {_size(v)}" for k, v in mem.items() if k != "total")
     print(f"# model states per GPU, ZeRO-{stage} on {world} ranks (fp32 weights, grads, Adam): {_size(mem['total'])} ({parts})"
           + ("; sCD teacher taken as the student's size" if frozen else "") + "; activations not included")
+
+
+def build_engine(cfg: TrainConfig, net: nn.Module, objective: nn.Module, d: dist.Dist) -> tuple[object, object]:
+    """(engine, EMA) for the config's dist section: TorchEngine + EMA, or DeepSpeed ZeRO 0-3 (+ ShardedEMA under ZeRO-3)."""
+    module = nn.ModuleDict({"net": net, "objective": objective})
+    optimizer = build_optimizer(cfg.optimizer, module.parameters())
+    if cfg.dist.engine == "deepspeed":
+        ema = EMA(net, cfg.ema) if cfg.dist.zero_stage < 3 else None  # before DeepSpeed casts or partitions
+        ds_cfg = dist.ds_config(cfg.dist, batch_size=cfg.run.batch_size, grad_accum=cfg.run.grad_accum, world_size=d.world_size,
+                                grad_clip=cfg.optimizer.grad_clip)
+        engine = DeepSpeedEngine(dist.build_deepspeed_engine(module, optimizer, ds_cfg), cfg.run.grad_accum)
+        ema = ema or ShardedEMA(net, cfg.ema, make_model=lambda: build_model(cfg.model).to(d.device))
+    else:
+        engine, ema = TorchEngine(module, optimizer, cfg.optimizer.grad_clip, cfg.run.grad_accum), EMA(net, cfg.ema)
+    return engine, ema
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,16 +131,8 @@ def _train(cfg: TrainConfig, args, d: dist.Dist) -> int:
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.run.precision == "bf16"):
         flops = step_flops_per_sample(objective, net, probe, 0)
     torch.manual_seed(cfg.run.seed)
-    module = nn.ModuleDict({"net": net, "objective": objective})
-    optimizer = build_optimizer(cfg.optimizer, module.parameters())
-    if cfg.dist.engine == "deepspeed":
-        ema = EMA(net, cfg.ema) if cfg.dist.zero_stage < 3 else None  # before DeepSpeed casts or partitions
-        ds_cfg = dist.ds_config(cfg.dist, batch_size=cfg.run.batch_size, grad_accum=cfg.run.grad_accum, world_size=d.world_size,
-                                grad_clip=cfg.optimizer.grad_clip)
-        engine = DeepSpeedEngine(dist.build_deepspeed_engine(module, optimizer, ds_cfg), cfg.run.grad_accum)
-        ema = ema or ShardedEMA(net, cfg.ema, make_model=lambda: build_model(cfg.model).to(device))
-    else:
-        engine, ema = TorchEngine(module, optimizer, cfg.optimizer.grad_clip, cfg.run.grad_accum), EMA(net, cfg.ema)
+    engine, ema = build_engine(cfg, net, objective, d)
+    compile_gradient_path(net, cfg.model)  # after the EMA copy
     teacher = getattr(getattr(objective, "velocity", None), "teacher", None)
     if teacher is not None:
         stats.time_module(teacher, "teacher")
