@@ -9,7 +9,7 @@ no checkpoints, no sample grids). Each case (config x objective x backbone prese
 parts with the training code itself (`sct.experiment` builders, `sct.train.build_engine`: TorchEngine or
 DeepSpeed ZeRO 0-3, `sct.loop.train_step`), runs `--warmup` untimed steps, then `--steps` timed ones, and
 reports the median per step. sCD distills from a random teacher of the student's shape (guided at
-objective.guidance_scale, 1.2 unless the config or an override says otherwise). Overrides apply to every
+objective.guidance_scale: 1.2 unless the config or an override says otherwise; 1 without classes). Overrides apply to every
 case after the case's objective/backbone/engine are set (e.g. model.channels_last=true).
 
 Timing: CUDA events around each step on GPU, perf_counter elsewhere; the sections (data, teacher, JVP,
@@ -91,7 +91,10 @@ def case_config(config: str, objective: str, preset: str, engine: str, batch: in
                    "zero_stage": 0 if engine == "torch" else int(engine[4:])}
     raw["run"] = {**raw.get("run", {}), "batch_size": batch, "grad_accum": 1, "precision": precision}
     raw, overridden = apply_overrides(raw, overrides)
-    return from_dict(TrainConfig, raw, source=f"{config} ({objective}, {preset}, {engine})", overridden=overridden)
+    cfg = from_dict(TrainConfig, raw, source=f"{config} ({objective}, {preset}, {engine})", overridden=overridden)
+    if objective == "scd" and not num_classes(cfg.data) and "objective.guidance_scale" not in overridden:
+        cfg.objective.guidance_scale = 1.0  # no classes: no guidance
+    return cfg
 
 
 def build_objective(cfg: TrainConfig) -> torch.nn.Module:
@@ -283,13 +286,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows = []
     try:
-        for case in _cases(args):
+        configs = [case_config(*case, args.batch, args.precision, args.overrides) for case in _cases(args)]  # all checked first
+        for case, cfg in zip(_cases(args), configs):
             label = f"{Path(case[0]).stem} {case[1]} {case[2]} {case[3]}"
             print(f"# {label} ...", file=sys.stderr, flush=True)
-            if args.isolate:
-                row = _run_isolated(case, args, argv)
-            else:
-                row = run_case(case_config(*case[:4], args.batch, args.precision, args.overrides), args, label)
+            row = _run_isolated(case, args, argv) if args.isolate else run_case(cfg, args, label)
             rows.append(row)
             if args.json:
                 print(json.dumps(row), flush=True)
