@@ -40,7 +40,7 @@ from sct.experiment import (
     snapshot_config,
 )
 from sct.images import save_curve
-from sct.models.speed import compile_gradient_path
+from sct.models import speed
 from sct.optim import build_optimizer, lr_at
 from sct.sample import write_grids
 
@@ -132,7 +132,7 @@ def _train(cfg: TrainConfig, args, d: dist.Dist) -> int:
         flops = step_flops_per_sample(objective, net, probe, 0)
     torch.manual_seed(cfg.run.seed)
     engine, ema = build_engine(cfg, net, objective, d)
-    compile_gradient_path(net, cfg.model)  # after the EMA copy
+    speed.finish([net, objective], cfg.model, cfg.dist.engine)  # after the EMA copy and the engine
     teacher = getattr(getattr(objective, "velocity", None), "teacher", None)
     if teacher is not None:
         stats.time_module(teacher, "teacher")

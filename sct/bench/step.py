@@ -47,7 +47,7 @@ from sct.config import ConfigError, apply_overrides, from_dict
 from sct.dist.flops import peak_flops, step_flops_per_sample, zero_model_state_bytes
 from sct.experiment import TrainConfig, build_model, count_parameters
 from sct.models.dit import DIT_PRESETS
-from sct.models.speed import compile_gradient_path
+from sct.models import speed
 from sct.models.unet import UNET_PRESETS
 from sct.objectives.diffusion import DiffusionConfig, TrigFlowDiffusion
 from sct.objectives.scm import SCM, DataVelocity, SCDConfig, SCTConfig, TeacherVelocity
@@ -171,7 +171,7 @@ def run_case(cfg: TrainConfig, args: argparse.Namespace, label: str) -> dict:
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.run.precision == "bf16"):
         flops = step_flops_per_sample(objective, net, {k: v[:1] for k, v in batch.items()}, 0)
     engine, ema = build_engine(cfg, net, objective, d)
-    compile_gradient_path(net, cfg.model)
+    speed.finish([net, objective], cfg.model, cfg.dist.engine)
     teacher = getattr(objective.velocity, "teacher", None) if hasattr(objective, "velocity") else None
     if teacher is not None:
         stats.time_module(teacher, "teacher")

@@ -14,7 +14,7 @@ from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sct.experiment import ModelConfig, build_model
-from sct.models.speed import compile_gradient_path
+from sct.models import speed
 from sct.models.unet import UNetConfig
 from sct.objectives.scm import SCM, DataVelocity, SCTConfig
 
@@ -33,6 +33,7 @@ def _net(**model_keys):
 
 
 def _loss_and_grads(net):
+    net.zero_grad(set_to_none=True)
     torch.manual_seed(1)
     objective = SCM(SCTConfig(tangent_warmup_steps=0), 0.5, DataVelocity())
     x0 = torch.randn(2, 4, 8, 8)
@@ -52,14 +53,21 @@ def _assert_same(a, b, rtol=1e-5, atol=1e-7):
 
 def test_channels_last_same_loss_and_gradients():
     net = _net(channels_last=True)
-    assert net.backbone.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    seen = []
+    net.backbone.conv_in.register_forward_hook(lambda m, args, out: seen.append(out.is_contiguous(memory_format=torch.channels_last)))
+    inputs_only = _loss_and_grads(net)  # the DeepSpeed engines' case: weights stay contiguous
+    assert seen and all(seen)
+    speed.finish([net], net_cfg := ModelConfig(channels_last=True), "torch")
+    assert net_cfg.channels_last and net.backbone.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert not net.backbone.conv_in.weight.is_contiguous()
-    _assert_same(_loss_and_grads(_net()), _loss_and_grads(net))
+    eager = _loss_and_grads(_net())
+    _assert_same(eager, inputs_only)
+    _assert_same(eager, _loss_and_grads(net))
 
 
 def test_compile_backbone_same_loss_and_gradients_and_jvp_stays_eager():
-    net = _net(compile="backbone", compile_backend="aot_eager")
-    compile_gradient_path(net, ModelConfig(compile="backbone", compile_backend="aot_eager"))
+    net = _net()
+    speed.finish([net], ModelConfig(compile="backbone", compile_backend="aot_eager"), "torch")
     counters.clear()
     with torch.no_grad():  # no-grad calls (teacher, EMA, sampling) stay eager
         net(torch.randn(1, 4, 8, 8), torch.rand(1))
