@@ -1,6 +1,6 @@
 """Training entry point, alike under every launcher:
 
-    python -m sct.train --config configs/demo_cpu.yaml [key=value ...] [--dry-run [--world-size N]]
+    python -m sct.train --config configs/demo_cpu.yaml [key=value ...] [--dry-run [--world-size N] [--gpu-memory-gib 80]]
     torchrun --nproc_per_node 8 sct/train.py --config X.yaml dist.engine=deepspeed dist.zero_stage=3
     deepspeed sct/train.py --config X.yaml                       (DS_ACCELERATOR=cpu on a CPU host)
 
@@ -28,7 +28,7 @@ from sct import dist, loop, stats
 from sct.config import ConfigError, parse_cli, save_yaml, to_yaml
 from sct.dist.ema_sharded import ShardedEMA
 from sct.dist.engine import DeepSpeedEngine, TorchEngine
-from sct.dist.flops import peak_flops, step_flops_per_sample, zero_model_state_bytes
+from sct.dist.flops import lowest_zero_stage, peak_flops, step_flops_per_sample, zero_model_state_bytes
 from sct.dist.preempt import EXIT_PREEMPTED, Preemption
 from sct.ema import EMA
 from sct.experiment import (
@@ -54,7 +54,7 @@ def _size(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def dry_run(cfg: TrainConfig, world: int) -> None:
+def dry_run(cfg: TrainConfig, world: int, gpu_memory_gib: float | None = None) -> None:
     print(to_yaml(cfg), end="")
     with torch.device("meta"):
         n = count_parameters(build_model(cfg.model).backbone)
@@ -65,6 +65,18 @@ def dry_run(cfg: TrainConfig, world: int) -> None:
     parts = ", ".join(f"{k} {_size(v)}" for k, v in mem.items() if k != "total")
     print(f"# model states per GPU, ZeRO-{stage} on {world} ranks (fp32 weights, grads, Adam): {_size(mem['total'])} ({parts})"
           + ("; sCD teacher taken as the student's size" if frozen else "") + "; activations not included")
+    if gpu_memory_gib:
+        print(zero_advice(n, frozen, world, gpu_memory_gib))
+
+
+def zero_advice(n: int, frozen: int, world: int, gpu_memory_gib: float) -> str:
+    """`--gpu-memory-gib`: the lowest ZeRO stage whose model states fit the GPU, and what it leaves for activations."""
+    stage, mem = lowest_zero_stage(n, world, gpu_memory_gib * 2**30, n_frozen=frozen)
+    if stage is None:
+        return f"# no ZeRO stage fits {gpu_memory_gib:g} GiB per GPU on {world} ranks (ZeRO-3 needs {_size(mem['total'])}): add ranks"
+    return (f"# recommended: dist.zero_stage={stage} (lowest stage whose model states fit {gpu_memory_gib:g} GiB per GPU on {world} ranks: "
+            f"{_size(mem['total'])}, leaving {_size(gpu_memory_gib * 2**30 - mem['total'])} for activations; "
+            "measure them with python -m sct.bench step)")
 
 
 def build_engine(cfg: TrainConfig, net: nn.Module, objective: nn.Module, d: dist.Dist) -> tuple[object, object]:
@@ -85,10 +97,11 @@ def build_engine(cfg: TrainConfig, net: nn.Module, objective: nn.Module, d: dist
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--world-size", type=int, default=None, help="--dry-run: ranks for the memory estimate (default $WORLD_SIZE or 1)")
+    parser.add_argument("--gpu-memory-gib", type=float, default=None, help="--dry-run: recommend the lowest ZeRO stage whose model states fit this")
     try:
         cfg, args = parse_cli(sys.argv[1:] if argv is None else argv, TrainConfig, parser)
         if args.dry_run:
-            dry_run(cfg, args.world_size or dist.launcher_world_size())
+            dry_run(cfg, args.world_size or dist.launcher_world_size(), args.gpu_memory_gib)
             return 0
         d = dist.init(cfg.dist, cfg.run.device)
     except ConfigError as e:
