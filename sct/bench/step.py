@@ -107,6 +107,16 @@ def build_objective(cfg: TrainConfig) -> torch.nn.Module:
     return SCM(obj, sd, DataVelocity())
 
 
+@torch.no_grad()
+def unzero(*modules: torch.nn.Module, std: float = 1e-3) -> None:
+    """Give zero-initialised parameters (fresh nets output 0, so a random teacher's velocity and the sCD loss
+    would be exactly 0) small random values, so that every loss and gradient of the benchmark is non-trivial."""
+    for module in modules:
+        for p in module.parameters():
+            if not p.any():
+                p.normal_(0.0, std)
+
+
 def synthetic_batch(cfg: TrainConfig, micro: int, device: torch.device) -> dict:
     batch = {"x": torch.randn(micro, *data_shape(cfg.data), device=device)}
     if num_classes(cfg.data):
@@ -166,6 +176,7 @@ def run_case(cfg: TrainConfig, args: argparse.Namespace, label: str) -> dict:
     torch.manual_seed(cfg.run.seed)
     net = build_model(cfg.model).to(device)
     objective = build_objective(cfg).to(device)
+    unzero(net, objective)
     micro = cfg.run.batch_size // d.world_size
     batch = synthetic_batch(cfg, micro, device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.run.precision == "bf16"):

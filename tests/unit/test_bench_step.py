@@ -39,6 +39,7 @@ def test_grid_of_objectives_gives_one_finite_row_each(capsys, tmp_path):
         for col in step.COLUMNS:
             if col != "MFU":
                 assert math.isfinite(float(cells[col])), (row[0], col)
+        assert float(cells["loss"]) != 0  # zero-initialised layers were given random values
         assert float(cells["s/step"]) > 0 and float(cells["act GiB"]) > 0 and float(cells["peak GiB"]) > float(cells["act GiB"])
     split = {r[0].split()[1]: dict(zip(header, r)) for r in rows}
     assert float(split["diffusion"]["jvp"]) == 0 and float(split["sct"]["jvp"]) > 0 and float(split["scd"]["jvp"]) > 0
