@@ -261,9 +261,13 @@ def _cases(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
     return [(c, o, b, e) for c in args.configs for o in args.objectives for b in args.backbones for e in args.engines]
 
 
+def _is_override(arg: str) -> bool:
+    return "=" in arg and not arg.startswith("-")
+
+
 def _run_isolated(case: tuple[str, str, str, str], args: argparse.Namespace, argv: list[str]) -> dict:
     config, objective, preset, engine = case
-    passthrough = [a for a in argv if "=" in a and not a.startswith("-")]
+    passthrough = [a for a in argv if _is_override(a)]
     cmd = [sys.executable, "-m", "sct.bench", "step", "--configs", config, "--objectives", objective, "--backbones", preset,
            "--engines", engine, "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--precision", args.precision, "--json", *(["--profile", args.profile, "--profile-steps", str(args.profile_steps)] if args.profile else []),
@@ -291,7 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", metavar="FILE", default=None, help="also write the table (markdown) and FILE.jsonl rows")
     parser.add_argument("--json", action="store_true", help="print each row as one JSON line instead of the table")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_intermixed_args(argv)
+    overrides = [a for a in argv if _is_override(a)]  # anywhere, even after a list option such as --backbones
+    args = parser.parse_args([a for a in argv if not _is_override(a)])
+    args.overrides = overrides
     if args.steps < 1 or args.warmup < 0 or args.batch < 1:
         print("config error: --steps and --batch must be >= 1, --warmup >= 0", file=sys.stderr)
         return 2

@@ -27,8 +27,8 @@ def _table(text: str) -> tuple[list[str], list[list[str]]]:
 
 def test_grid_of_objectives_gives_one_finite_row_each(capsys, tmp_path):
     out = tmp_path / "table.md"
-    rc = step.main(["--configs", CONFIG, "--objectives", "diffusion", "sct", "scd", "--backbones", "edm2-s",
-                    "--engines", "torch", *QUICK, "--out", str(out), *UNET])
+    rc = step.main(["--configs", CONFIG, *QUICK, "--out", str(out), "--engines", "torch", "--objectives", "diffusion", "sct", "scd",
+                    "--backbones", "edm2-s", *UNET])  # overrides after a list option
     assert rc == 0
     header, rows = _table(capsys.readouterr().out)
     assert header == ["case", "params", *step.COLUMNS]
