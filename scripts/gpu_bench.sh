@@ -11,7 +11,8 @@
 # Groups (default: table profile):
 #   table    edm2-xl and dit-xl/2 x {diffusion, sCT, sCD guided}, torch engine: s/step, split, MFU, peak GiB  (~5 min)
 #   profile  torch.profiler of the edm2-xl and dit-xl/2 sCT steps: top kernels, matmul/elementwise/idle shares (~3 min)
-#   options  edm2-xl sCT with channels_last, with torch.compile (inductor), and under ZeRO-2 / ZeRO-3         (~6 min)
+#   options  edm2-xl sCT with channels_last, and with torch.compile (inductor) of the gradient path          (~6 min)
+#   zero     edm2-xl sCT under DeepSpeed ZeRO-2 and ZeRO-3 on one rank (fresh process each)                (~4 min)
 #   memory   edm2-xxl sCD (student + guided teacher) at batch 32: no / 64x64-level / full checkpointing        (~4 min)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -43,7 +44,7 @@ fi
 export PYTHONUNBUFFERED=1
 
 BENCH=(--configs configs/sCT_xl_512.yaml --batch 32 --steps 10 --warmup 3 --precision bf16)
-UNET=() DIT=()
+UNET=() DIT=() COMPILE=()
 if [[ -n "${SCT_BENCH_TINY:-}" ]]; then  # same command lines, shapes a CPU runs in seconds
   export OMP_NUM_THREADS=1
   BENCH=(--configs configs/sCT_xl_512.yaml --batch 2 --steps 1 --warmup 1 --precision bf16)
@@ -51,6 +52,7 @@ if [[ -n "${SCT_BENCH_TINY:-}" ]]; then  # same command lines, shapes a CPU runs
   UNET=("${TINY[@]}" model.backbone.model_channels=16 model.backbone.channel_mult=[1,2] model.backbone.num_blocks=1
         model.backbone.attn_resolutions=[4])
   DIT=("${TINY[@]}" model.backbone.hidden_size=32 model.backbone.depth=2 model.backbone.num_heads=2)
+  COMPILE=(model.compile_backend=aot_eager)  # inductor's C++ code generation takes minutes on a busy 2-core CPU
 fi
 
 bench() {  # bench GROUP NAME SECONDS ARGS...: one `sct.bench step` call, its table appended to OUT/GROUP.md
@@ -77,15 +79,16 @@ for group in "${GROUPS_TO_RUN[@]}"; do
       grep -h -A 40 "^## profile" "$OUT/profile.log" > "$OUT/profile-breakdown.md" || true
       cat "$OUT/profile-breakdown.md" >> "$OUT/profile.md" ;;
     options)
-      bench options channels_last 120 "${BENCH[@]}" --objectives sct --backbones edm2-xl model.channels_last=true "${UNET[@]}"
-      bench options compile 240 "${BENCH[@]}" --objectives sct --backbones edm2-xl model.compile=backbone "${UNET[@]}"
-      bench options zero 180 "${BENCH[@]}" --objectives sct --backbones edm2-xl --engines zero2 zero3 --isolate "${UNET[@]}" ;;
+      bench options channels_last 150 "${BENCH[@]}" --objectives sct --backbones edm2-xl model.channels_last=true "${UNET[@]}"
+      bench options compile 360 "${BENCH[@]}" --objectives sct --backbones edm2-xl model.compile=backbone "${COMPILE[@]}" "${UNET[@]}" ;;
+    zero)
+      bench zero edm2-xl 300 "${BENCH[@]}" --objectives sct --backbones edm2-xl --engines zero2 zero3 --isolate "${UNET[@]}" ;;
     memory)
       XXL=(--configs configs/sCM_xxl_512.yaml --batch "${BENCH[3]}" --steps 3 --warmup 2 --precision bf16 --objectives scd --backbones edm2-xxl)
       bench memory none 120 "${XXL[@]}" "${UNET[@]}"
       bench memory level64 120 "${XXL[@]}" model.backbone.checkpointing=true model.backbone.checkpoint_min_resolution=64 "${UNET[@]}"
       bench memory all 120 "${XXL[@]}" model.backbone.checkpointing=true "${UNET[@]}" ;;
-    *) echo "unknown group $group (table, profile, options, memory)"; exit 2 ;;
+    *) echo "unknown group $group (table, profile, options, zero, memory)"; exit 2 ;;
   esac
 done
 for group in "${GROUPS_TO_RUN[@]}"; do
