@@ -19,6 +19,7 @@ import csv
 import hashlib
 import io
 import json
+import re
 import sys
 import tarfile
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ from pipelines import s3
 MANIFEST = "manifest.json"
 FORMAT = "sct-shards/1"
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+# a shard name is a plain relative path: no scheme, no leading '/', no '..' or hidden part
+_SHARD_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(?:/[A-Za-z0-9_][A-Za-z0-9_.-]*)*$")
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -102,9 +105,48 @@ def read_manifest(url: str, budget_s: float = 3.0) -> dict:
         manifest = json.loads(data)
     except json.JSONDecodeError as e:
         raise ValueError(f"{s3.join(url, MANIFEST)}: not valid JSON ({e})") from None
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{s3.join(url, MANIFEST)}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    where = s3.join(url, MANIFEST)
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ValueError(f"{where}: format {got!r}, expected {FORMAT!r}")
+    check_manifest(manifest, where)
     return manifest
+
+
+def _is_int(v, low: int = 0) -> bool:
+    return type(v) is int and v >= low
+
+
+def check_manifest(manifest: dict, where: str) -> None:
+    """ValueError naming the key (and shard) unless `manifest` has every key a reader needs, well-typed, and
+    its shard names are plain relative paths (a name like '../x' or 'pipe:...' would leave the dataset)."""
+    kind = manifest.get("kind")
+    if kind not in ("arrays", "images", "latents"):
+        raise ValueError(f"{where}: 'kind' must be 'arrays', 'images' or 'latents', got {kind!r}")
+    if not _is_int(manifest.get("num_classes", 0)):
+        raise ValueError(f"{where}: 'num_classes' must be an integer >= 0, got {manifest.get('num_classes')!r}")
+    shape = manifest.get("shape")
+    if kind != "images" and not (isinstance(shape, list) and shape and all(_is_int(d, 1) for d in shape)):
+        raise ValueError(f"{where}: 'shape' must be a list of positive integers for {kind} shards, got {shape!r}")
+    stats = manifest.get("stats")
+    if kind == "latents" and not (isinstance(stats, dict) and all(isinstance(stats.get(k), list) and len(stats[k]) == shape[0] for k in ("mean", "std"))):
+        raise ValueError(f"{where}: latent shards need 'stats' with 'mean' and 'std' lists of {shape[0]} channels, got {stats!r}")
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not shards:
+        raise ValueError(f"{where}: 'shards' must be a non-empty list, got {shards!r}")
+    for i, entry in enumerate(shards):
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not _SHARD_NAME.match(name):
+            raise ValueError(f"{where}: shards[{i}].name must be a plain relative file name (letters, digits, '._-', '/'; "
+                             f"no scheme, no leading '/', no '..'), got {name!r}")
+        for key, low in (("samples", 1), ("bytes", 0)):
+            if not _is_int(entry.get(key), low):
+                raise ValueError(f"{where}: shard {name}: '{key}' must be an integer >= {low}, got {entry.get(key)!r}")
+        if not (isinstance(entry.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", entry["sha256"])):
+            raise ValueError(f"{where}: shard {name}: 'sha256' must be 64 hex digits, got {entry.get('sha256')!r}")
+    total = manifest.get("total_samples")
+    if total != sum(e["samples"] for e in shards):
+        raise ValueError(f"{where}: 'total_samples' is {total!r}, the shards hold {sum(e['samples'] for e in shards)}")
 
 
 def write_arrays(x: np.ndarray, labels: np.ndarray | None, url: str, shard_size: int = 1000, num_classes: int = 0, **meta) -> dict:

@@ -20,9 +20,11 @@ never touches storage; `verified_manifest` (called by pipelines.data.build_strea
 manifest and checks the declaration, the kind, the credentials and the endpoint, raising ConfigError("data.*").
 
 Faults: shards are read whole (keep them to a few hundred MB: each worker holds one plus the shuffle buffer)
-through webdataset's gopen (fsspec, in-process) with retries and backoff on
-transient errors (counted); a missing, truncated or corrupt shard (size/sha256 differ from the manifest) is
+in-process (local files, or fsspec for s3:// and the other `s3.SCHEMES`) with retries and backoff on
+transient errors (counted); a missing, truncated or corrupt shard (size/sha256 differ from the manifest), or
+one holding a sample whose array is not `data.shape` or whose label is outside [0, num_classes), is
 skipped, logged and counted, and the stream raises once more than `max_bad_shards` distinct shards failed.
+The manifest itself is validated (`pipelines.shards.check_manifest`: keys, types, plain relative shard names).
 Tests: tests/integration/test_stream.py (real moto S3 server on loopback).
 """
 from __future__ import annotations
@@ -71,6 +73,8 @@ class ShardDataConfig:
     def check(self) -> None:
         if not self.url:
             raise ConfigError("url", "set the folder or URL of a shard dataset (with manifest.json)")
+        if (problem := s3.url_problem(self.url)) is not None:
+            raise ConfigError("url", f"{self.url!r}: {problem}")
         for key in ("num_workers", "max_bad_shards"):
             if getattr(self, key) < 0:
                 raise ConfigError(key, f"must be >= 0, got {getattr(self, key)}")
@@ -159,8 +163,9 @@ class TooManyBadShards(RuntimeError):
     pass
 
 
-def fetch_shard(url: str, entry: dict, budget_s: float, counters: dict) -> list[dict]:
-    """The samples of one shard, verified against the manifest's size and sha256; BadShard if it cannot be used."""
+def fetch_shard(url: str, entry: dict, budget_s: float, counters: dict, check=None) -> list[dict]:
+    """The samples of one shard, verified against the manifest's size and sha256 (and each by `check`, which
+    raises BadShard); BadShard if it cannot be used."""
     try:
         data = s3.read_bytes(url, budget_s, counters)
     except FileNotFoundError:
@@ -173,7 +178,37 @@ def fetch_shard(url: str, entry: dict, budget_s: float, counters: dict) -> list[
     samples = list(wds.tariterators.group_by_keys(files))
     if len(samples) != entry["samples"]:
         raise BadShard(f"{len(samples)} samples, manifest says {entry['samples']}")
+    for sample in samples if check else ():
+        check(sample)
     return samples
+
+
+def _npy_shape(data: bytes) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) from a .npy header, without reading the array."""
+    f = io.BytesIO(data)
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read(f)
+    return shape, dtype
+
+
+def check_sample(fields: dict, shape: tuple[int, ...], classes: int) -> None:
+    """BadShard naming the sample unless its arrays have `shape` (float) and, when `classes`, its label is in range."""
+    key = fields.get("__key__", "?")
+    arrays = [k for k in ("x.npy", "latent.npy", "latent_flip.npy") if k in fields]
+    if not arrays or ("latent_flip.npy" in arrays and "latent.npy" not in arrays):
+        raise BadShard(f"sample {key}: no x.npy or latent.npy (fields {sorted(k for k in fields if not k.startswith('__'))})")
+    for name in arrays:
+        try:
+            got, dtype = _npy_shape(fields[name])
+        except (ValueError, OSError) as e:
+            raise BadShard(f"sample {key}: {name} is not a .npy array ({e})") from None
+        if tuple(got) != tuple(shape) or dtype.kind != "f":
+            raise BadShard(f"sample {key}: {name} is {dtype} {list(got)}, data.shape (and the manifest) say {list(shape)} (float)")
+    if classes:
+        text = fields.get("cls", b"").decode("ascii", "replace").strip()
+        if not (text.isdigit() and int(text) < classes):
+            raise BadShard(f"sample {key}: label {text or 'missing'!r} is not a class id in [0, {classes}) (data.num_classes)")
 
 
 class SlotReader:
@@ -187,6 +222,9 @@ class SlotReader:
         self.bad: dict[str, str] = {}  # shard name -> reason
         if manifest["kind"] == "latents":
             self.bias, self.scale = normalization(manifest["stats"])
+        # the manifest's shape and classes: verified_manifest has checked them against data.shape/num_classes
+        shape, classes = tuple(manifest["shape"]), int(manifest.get("num_classes", 0)) if cfg.class_conditional else 0
+        self.check = lambda fields: check_sample(fields, shape, classes)
 
     def plan(self, epoch: int) -> tuple[list[int], list[int]]:
         """(shard ids, output order over the slot's local sample indices) of an epoch."""
@@ -202,7 +240,8 @@ class SlotReader:
             count = entry["samples"]
             if any(start + j in need for j in range(count)):
                 try:
-                    samples = fetch_shard(s3.join(self.cfg.url, entry["name"]), entry, self.cfg.retry_seconds, self.counters)
+                    samples = fetch_shard(s3.join(self.cfg.url, entry["name"]), entry, self.cfg.retry_seconds, self.counters,
+                                          check=self.check)
                 except BadShard as e:
                     self._bad_shard(entry["name"], str(e), count)
                     yield start, count, None
