@@ -5,7 +5,9 @@
     deepspeed sct/train.py --config X.yaml                       (DS_ACCELERATOR=cpu on a CPU host)
 
 Builds the pieces a config names and hands them to `sct.loop.run`. The resolved config is saved as
-`<run.dir>/config.yaml`; rerunning the same command resumes from the latest complete checkpoint.
+`<run.dir>/config.yaml`, and the folder created, only after every start-up check has passed (config, device,
+run.dir, storage, init_from, teacher): a rejected start leaves no folder and changes no file in an existing one.
+Rerunning the same command resumes from the latest complete checkpoint.
 Exit status: 0 done, 2 config error, 75 preempted (SIGTERM/SIGUSR1; checkpointed, rerun to resume).
 """
 from __future__ import annotations
@@ -24,7 +26,7 @@ from loguru import logger
 from torch import nn
 
 from pipelines.data import build_stream, data_shape, num_classes
-from sct import dist, loop, stats
+from sct import dist, loop, startup, stats
 from sct.config import ConfigError, parse_cli, save_yaml, to_yaml
 from sct.dist.ema_sharded import ShardedEMA
 from sct.dist.engine import DeepSpeedEngine, TorchEngine
@@ -71,9 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--world-size", type=int, default=None, help="--dry-run: ranks for the memory estimate (default $WORLD_SIZE or 1)")
     try:
         cfg, args = parse_cli(sys.argv[1:] if argv is None else argv, TrainConfig, parser)
+        if args.world_size is not None and args.world_size < 1:
+            raise ConfigError("--world-size", f"must be >= 1, got {args.world_size}")
         if args.dry_run:
             dry_run(cfg, args.world_size or dist.launcher_world_size())
             return 0
+        startup.check_device(cfg.run.device)
         d = dist.init(cfg.dist, cfg.run.device)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
@@ -87,27 +92,25 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(cfg: TrainConfig, args, d: dist.Dist) -> int:
     run_dir = Path(cfg.run.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    stats.setup_logging(run_dir, d.rank)
-    dist.log_setup(d)
-    if d.rank == 0:
-        save_yaml(cfg, run_dir / "config.yaml")
+    stats.setup_logging(None, d.rank)  # console only: the run folder is touched once every start-up check has passed
     device = d.device
     micro = cfg.run.batch_size // (cfg.run.grad_accum * d.world_size)
-    try:  # storage problems (credentials, bucket, manifest vs config) fail here, before any model is built
-        data = build_stream(cfg.data, micro, rank=d.rank, world_size=d.world_size)
-    except ConfigError as e:
-        print(f"config error: {args.config}: {e}", file=sys.stderr)
-        return 2
-    torch.manual_seed(cfg.run.seed)
-    net = build_model(cfg.model).to(device)
     try:
+        startup.check_run_dir(run_dir)
+        # storage problems (credentials, bucket, manifest vs config) fail here, before any model is built
+        data = build_stream(cfg.data, micro, rank=d.rank, world_size=d.world_size)
+        torch.manual_seed(cfg.run.seed)
+        net = build_model(cfg.model).to(device)
         if cfg.model.init_from:
             init_from_snapshot(net, cfg.model.init_from)
         objective = build_objective(cfg).to(device)
     except ConfigError as e:
         print(f"config error: {args.config}: {e}", file=sys.stderr)
         return 2
+    startup.open_run_dir(run_dir, d.rank)  # accepted: now create the folder, log.txt and config.yaml
+    dist.log_setup(d)
+    if d.rank == 0:
+        save_yaml(cfg, run_dir / "config.yaml")
     logger.info(f"{cfg.objective.name}: backbone {cfg.model.backbone.name} with {count_parameters(net.backbone):,} parameters on {device}")
     probe = {"x": torch.randn(1, *data_shape(cfg.data), device=device)}  # shape-only input for the FLOP count
     if num_classes(cfg.data):
