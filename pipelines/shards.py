@@ -149,6 +149,36 @@ def check_manifest(manifest: dict, where: str) -> None:
         raise ValueError(f"{where}: 'total_samples' is {total!r}, the shards hold {sum(e['samples'] for e in shards)}")
 
 
+def _npy_shape(data: bytes) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) from a .npy header, without reading the array."""
+    f = io.BytesIO(data)
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read(f)
+    return shape, dtype
+
+
+def sample_problem(fields: dict, shape: tuple[int, ...], classes: int) -> str | None:
+    """What is wrong with a decoded sample (naming it), or None: its arrays must have `shape` (float) and,
+    when `classes`, its label must be in [0, classes)."""
+    key = fields.get("__key__", "?")
+    arrays = [k for k in ("x.npy", "latent.npy", "latent_flip.npy") if k in fields]
+    if not arrays or ("latent_flip.npy" in arrays and "latent.npy" not in arrays):
+        return f"sample {key}: no x.npy or latent.npy (fields {sorted(k for k in fields if not k.startswith('__'))})"
+    for name in arrays:
+        try:
+            got, dtype = _npy_shape(fields[name])
+        except (ValueError, OSError) as e:
+            return f"sample {key}: {name} is not a .npy array ({e})"
+        if tuple(got) != tuple(shape) or dtype.kind != "f":
+            return f"sample {key}: {name} is {dtype} {list(got)}, data.shape (and the manifest) say {list(shape)} (float)"
+    if classes:
+        text = fields.get("cls", b"").decode("ascii", "replace").strip()
+        if not (text.isdigit() and int(text) < classes):
+            return f"sample {key}: label {text or 'missing'!r} is not a class id in [0, {classes}) (data.num_classes)"
+    return None
+
+
 def write_arrays(x: np.ndarray, labels: np.ndarray | None, url: str, shard_size: int = 1000, num_classes: int = 0, **meta) -> dict:
     """x [N, ...] (float), labels [N] integer class ids or None -> shards of `x.npy` (+ `cls`)."""
     writer = ShardWriter(url, shard_size, {"kind": "arrays", "shape": list(x.shape[1:]), "dtype": str(x.dtype), "num_classes": num_classes, **meta})
@@ -176,8 +206,8 @@ def image_list_file(path: Path) -> tuple[list[tuple[Path, int]], list[str]]:
         for lineno, row in enumerate(csv.reader(f), 1):
             if not row or row[0].startswith("#"):
                 continue
-            if len(row) != 2 or not row[1].strip().lstrip("-").isdigit():
-                raise ValueError(f"{path}:{lineno}: expected 'path,integer_label', got {row}")
+            if len(row) != 2 or not row[1].strip().isdigit():
+                raise ValueError(f"{path}:{lineno}: expected 'path,label' with an integer label >= 0, got {row}")
             file = Path(row[0].strip())
             items.append((file if file.is_absolute() else path.parent / file, int(row[1])))
     classes = [str(c) for c in range(max((c for _, c in items), default=-1) + 1)]
@@ -208,18 +238,34 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--out", required=True, help="local folder or fsspec URL (s3://bucket/prefix)")
         p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     args = parser.parse_args(argv)
+    if args.shard_size < 1:
+        parser.error(f"--shard-size must be >= 1, got {args.shard_size}")
+    if (problem := s3.url_problem(args.out)) is not None:
+        parser.error(f"--out {args.out}: {problem}")
+    try:
+        manifest = _write(args)
+    except (ValueError, OSError) as e:  # a bad --list row, a missing image or folder, an unwritable --out
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    print(f"{manifest['total_samples']} samples in {len(manifest['shards'])} shards at {args.out}")
+    return 0
+
+
+def _write(args: argparse.Namespace) -> dict:
     if args.source == "arrays":
         from pipelines.arrays import ArrayDataConfig, load_arrays, resolve_dataset
 
         cfg = ArrayDataConfig(dataset=args.dataset, class_conditional=not args.unconditional)
         x, onehot = load_arrays(cfg, args.split)
         labels = onehot.argmax(1).numpy() if onehot.shape[1] else None
-        manifest = write_arrays(x.numpy(), labels, args.out, args.shard_size, num_classes=onehot.shape[1], source=resolve_dataset(cfg))
-    else:
-        items, classes = image_folder_list(args.folder) if args.folder else image_list_file(args.list)
-        manifest = write_images(items, classes, args.out, args.shard_size)
-    print(f"{manifest['total_samples']} samples in {len(manifest['shards'])} shards at {args.out}")
-    return 0
+        return write_arrays(x.numpy(), labels, args.out, args.shard_size, num_classes=onehot.shape[1], source=resolve_dataset(cfg))
+    source = args.folder or args.list
+    if not source.exists():
+        raise FileNotFoundError(f"{source}: no such {'folder' if args.folder else 'file'}")
+    items, classes = image_folder_list(args.folder) if args.folder else image_list_file(args.list)
+    missing = [str(f) for f, _ in items if not f.is_file()]
+    if missing:  # checked before anything is written
+        raise FileNotFoundError(f"{source}: {len(missing)} image(s) not found, e.g. {missing[0]}")
+    return write_images(items, classes, args.out, args.shard_size)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ from loguru import logger
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipelines import s3
-from pipelines.shards import npy_load, read_manifest
+from pipelines.shards import npy_load, read_manifest, sample_problem
 from sct.config import ConfigError
 
 s3.register_gopen()
@@ -165,7 +165,7 @@ class TooManyBadShards(RuntimeError):
 
 def fetch_shard(url: str, entry: dict, budget_s: float, counters: dict, check=None) -> list[dict]:
     """The samples of one shard, verified against the manifest's size and sha256 (and each by `check`, which
-    raises BadShard); BadShard if it cannot be used."""
+    returns what is wrong with a sample or None); BadShard if it cannot be used."""
     try:
         data = s3.read_bytes(url, budget_s, counters)
     except FileNotFoundError:
@@ -179,36 +179,9 @@ def fetch_shard(url: str, entry: dict, budget_s: float, counters: dict, check=No
     if len(samples) != entry["samples"]:
         raise BadShard(f"{len(samples)} samples, manifest says {entry['samples']}")
     for sample in samples if check else ():
-        check(sample)
+        if (problem := check(sample)) is not None:
+            raise BadShard(problem)
     return samples
-
-
-def _npy_shape(data: bytes) -> tuple[tuple[int, ...], np.dtype]:
-    """(shape, dtype) from a .npy header, without reading the array."""
-    f = io.BytesIO(data)
-    version = np.lib.format.read_magic(f)
-    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, _, dtype = read(f)
-    return shape, dtype
-
-
-def check_sample(fields: dict, shape: tuple[int, ...], classes: int) -> None:
-    """BadShard naming the sample unless its arrays have `shape` (float) and, when `classes`, its label is in range."""
-    key = fields.get("__key__", "?")
-    arrays = [k for k in ("x.npy", "latent.npy", "latent_flip.npy") if k in fields]
-    if not arrays or ("latent_flip.npy" in arrays and "latent.npy" not in arrays):
-        raise BadShard(f"sample {key}: no x.npy or latent.npy (fields {sorted(k for k in fields if not k.startswith('__'))})")
-    for name in arrays:
-        try:
-            got, dtype = _npy_shape(fields[name])
-        except (ValueError, OSError) as e:
-            raise BadShard(f"sample {key}: {name} is not a .npy array ({e})") from None
-        if tuple(got) != tuple(shape) or dtype.kind != "f":
-            raise BadShard(f"sample {key}: {name} is {dtype} {list(got)}, data.shape (and the manifest) say {list(shape)} (float)")
-    if classes:
-        text = fields.get("cls", b"").decode("ascii", "replace").strip()
-        if not (text.isdigit() and int(text) < classes):
-            raise BadShard(f"sample {key}: label {text or 'missing'!r} is not a class id in [0, {classes}) (data.num_classes)")
 
 
 class SlotReader:
@@ -224,7 +197,7 @@ class SlotReader:
             self.bias, self.scale = normalization(manifest["stats"])
         # the manifest's shape and classes: verified_manifest has checked them against data.shape/num_classes
         shape, classes = tuple(manifest["shape"]), int(manifest.get("num_classes", 0)) if cfg.class_conditional else 0
-        self.check = lambda fields: check_sample(fields, shape, classes)
+        self.check = lambda fields: sample_problem(fields, shape, classes)
 
     def plan(self, epoch: int) -> tuple[list[int], list[int]]:
         """(shard ids, output order over the slot's local sample indices) of an epoch."""

@@ -2,18 +2,20 @@
 
 Reads only the snapshot (EMA weights + model and sampling config). Writes a PNG grid (images) or a
 scatter plot (2-D points) and `samples.pt` (tensor + seeds + labels). Sample i uses seed `--seed + i`,
-so any subset can be regenerated exactly, whatever the batch size.
+so any subset can be regenerated exactly, whatever the batch size. A bad option or snapshot (missing,
+not an sct snapshot, --num/--steps/--batch < 1, --label outside the snapshot's classes) exits 2 naming it.
 """
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from sct.config import from_dict
+from sct.config import ConfigError, from_dict
 from sct.images import save_image_grid, save_scatter
 from sct.samplers import SamplingConfig, generate, grid_labels
 
@@ -53,9 +55,22 @@ def main(argv=None) -> None:
     p.add_argument("--label", type=int, default=None, help="class of every sample (default: one class per row of 10)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (ODE sampling)")
     args = p.parse_args(argv)
-
-    net, stored = load_snapshot_model(args.snapshot)
-    sampling = from_dict(SamplingConfig, stored["sampling"], source=str(args.snapshot))
+    for name in ("steps", "num", "batch"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.guidance is not None and not math.isfinite(args.guidance):
+        p.error(f"--guidance must be a finite number, got {args.guidance}")
+    if args.out.exists() and not args.out.is_dir():
+        p.error(f"--out {args.out} exists and is not a folder")
+    try:
+        net, stored = load_snapshot_model(args.snapshot, "--snapshot")
+        sampling = from_dict(SamplingConfig, stored.get("sampling", {}), source=str(args.snapshot))
+        if not isinstance(stored.get("shape"), list):
+            raise ConfigError("--snapshot", f"{args.snapshot}: its stored config has no sample 'shape'")
+    except ConfigError as e:
+        p.error(str(e))
+    if args.label is not None and not 0 <= args.label < stored["model"]["backbone"]["label_dim"]:
+        p.error(f"--label {args.label} is not a class of {args.snapshot} (label_dim {stored['model']['backbone']['label_dim']})")
     if args.guidance is not None:
         sampling.guidance = args.guidance
     sampling.steps, sampling.mids = (args.steps,), None
