@@ -74,7 +74,8 @@ _Loader.add_implicit_resolver(
 
 
 def load(cls: type[T], path: str | os.PathLike, overrides: Sequence[str] = ()) -> T:
-    """Read a YAML file (empty means all defaults), apply ``key=value`` overrides, build ``cls``."""
+    """Read a YAML file (UTF-8; empty means every key at its default, which ``cls.check()`` must still
+    accept), apply ``key=value`` overrides, build ``cls``."""
     source = str(path)
     try:
         text = Path(path).read_bytes().decode("utf-8")

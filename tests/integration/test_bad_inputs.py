@@ -122,7 +122,7 @@ CASES = [
     ("nan_in_file", train.main, cfg_file("nan"), ["optimizer.grad_clip", "finite"]),
     ("inf_in_file", train.main, cfg_file("inf"), ["objective.tangent_norm_c", "finite"]),
     ("minus_inf_in_file", train.main, cfg_file("ninf"), ["optimizer.lr", "finite"]),
-    ("empty_config_is_the_demo_gap", train.main, cfg_file("empty"), ["model.backbone.label_dim"]),
+    ("empty_config_names_the_inconsistent_default", train.main, cfg_file("empty"), ["model.backbone.label_dim"]),
     ("no_config_option", train.main, lambda w: [f"run.dir={w['run']}"], ["--config"]),
     # overrides
     ("nan_grad_clip", train.main, tr("optimizer.grad_clip=.nan"), ["optimizer.grad_clip", "finite"]),
