@@ -207,7 +207,7 @@ def image_list_file(path: Path) -> tuple[list[tuple[Path, int]], list[str]]:
             if not row or row[0].startswith("#"):
                 continue
             if len(row) != 2 or not row[1].strip().isdigit():
-                raise ValueError(f"{path}:{lineno}: expected 'path,label' with an integer label >= 0, got {row}")
+                raise ValueError(f"{path}:{lineno}: expected 'path,integer_label' (a class id >= 0), got {row}")
             file = Path(row[0].strip())
             items.append((file if file.is_absolute() else path.parent / file, int(row[1])))
     classes = [str(c) for c in range(max((c for _, c in items), default=-1) + 1)]

@@ -22,7 +22,8 @@ from sct.config import ConfigError
 def open_snapshot(path: str | Path, key: str) -> tuple[dict, dict]:
     """(state_dict, stored config) of the snapshot at `path`; ConfigError(key) if it cannot be one."""
     if not Path(path).is_file():
-        raise ConfigError(key, f"snapshot not found: {path}" + (" (a directory)" if Path(path).is_dir() else ""))
+        what = "teacher snapshot" if key == "objective.teacher" else "snapshot"
+        raise ConfigError(key, f"{what} not found: {path}" + (" (a directory)" if Path(path).is_dir() else ""))
     try:
         state, stored = load_snapshot(Path(path))
     except (SafetensorError, ValueError, OSError, RuntimeError) as e:  # not safetensors, truncated, bad JSON metadata
