@@ -7,7 +7,7 @@
 What a snapshot stores is `sct.experiment.snapshot_config`: model, sampling, shape and (since this module)
 the objective's name; an older snapshot without "objective" is a diffusion teacher iff it samples with the
 ODE (TrainConfig.check ties `sampling.method: ode` to `objective.name: diffusion`).
-Tests: tests/unit/test_snapshots.py.
+Tests: tests/integration/test_bad_inputs.py (the teacher_*, init_from_*, sample_* cases), test_input_defects.py.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def stored_objective(stored: dict) -> str:
     """The objective that trained the snapshot ('diffusion', 'sct', 'scd', 'ict'; older snapshots: from sampling)."""
     if isinstance(stored.get("objective"), str):
         return stored["objective"]
-    method = stored.get("sampling", {}).get("method") if isinstance(stored.get("sampling"), dict) else None
+    method = _get(stored, "sampling", "method")
     return {"ode": "diffusion", "consistency": "a consistency objective (sct/scd/ict)"}.get(method, "unknown")
 
 
@@ -47,10 +47,17 @@ def check_teacher(stored: dict, path: str, shape: tuple[int, ...], classes: int)
     if objective != "diffusion":
         raise ConfigError(key, f"{path} was trained with {objective}, not a diffusion (TrigFlow) teacher: sCD distills "
                                "a snapshot of objective.name: diffusion")
-    if stored.get("model", {}).get("precond", {}).get("name") != "trigflow":
-        raise ConfigError(key, f"{path} is not a TrigFlow model (precond {stored['model'].get('precond')})")
-    if list(stored.get("shape", [])) != list(shape):
+    if _get(stored, "model", "precond", "name") != "trigflow":
+        raise ConfigError(key, f"{path} is not a TrigFlow model (precond {_get(stored, 'model', 'precond')})")
+    if not isinstance(stored.get("shape"), list) or stored["shape"] != list(shape):
         raise ConfigError(key, f"{path} was trained on samples of shape {stored.get('shape')}, the data are {list(shape)}")
-    label_dim = stored["model"].get("backbone", {}).get("label_dim")
+    label_dim = _get(stored, "model", "backbone", "label_dim")
     if label_dim != classes:
         raise ConfigError(key, f"{path} has {label_dim} classes (label_dim), the data have {classes}")
+
+
+def _get(tree, *keys):
+    """tree[k1][k2]... or None where a level is missing or not a mapping."""
+    for k in keys:
+        tree = tree.get(k) if isinstance(tree, dict) else None
+    return tree

@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
-
 from inputs_kit import SCD, SHARDS, TOY, folder_state, rename_shard, run_main, shard_dataset, snapshot_of, trained_run
+
 from pipelines import s3
 from pipelines import shards as shards_cli
-from pipelines.shards import write_arrays
 from pipelines.data import build_stream
+from pipelines.shards import write_arrays
 from pipelines.stream import ShardDataConfig, TooManyBadShards
 from sct import sample, train
 from sct.config import ConfigError, load
