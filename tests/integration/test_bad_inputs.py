@@ -3,7 +3,7 @@ offending key, option or file, print no traceback, and leave an existing run fol
 list, mtimes, sha256) -- and create no new one. Most cases call the CLI's main(argv) in-process (fast); a few
 run `python -m ...` for real to prove the exit status and the absence of a traceback end to end.
 
-    pytest tests/integration/test_bad_inputs.py        # about 30 s on 2 cores
+    pytest tests/integration/test_bad_inputs.py        # about 20 s of CPU (the 5 subprocesses are most of it)
 """
 from __future__ import annotations
 

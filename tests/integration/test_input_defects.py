@@ -2,7 +2,7 @@
 the fix (a shell ran, a file changed, a bad teacher trained, NaN passed, a lying manifest crashed, a traceback)
 and passes after. Real files, real shards, real CLIs; nothing mocked.
 
-    pytest tests/integration/test_input_defects.py     # about 15 s on 2 cores
+    pytest tests/integration/test_input_defects.py     # about 6 s of CPU
 """
 from __future__ import annotations
 
