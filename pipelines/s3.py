@@ -2,17 +2,19 @@
 URLs, retries with backoff for transient errors, atomic writes, and a pre-flight check with clear errors.
 
     from pipelines import s3
-    s3.register_gopen()                          # wds.gopen("s3://bucket/x.tar") now reads through fsspec
+    wds.gopen("s3://bucket/x.tar")               # reads through fsspec (registered when this module is imported)
     data = s3.read_bytes(url, budget_s=60, counters=c)   # retried on connection errors / 5xx; c["retries"] += n
     s3.write_bytes(url, data)                    # local: temp file + rename; object stores: one PUT
     s3.preflight(url)                            # StorageError naming the bucket/credentials problem
+    s3.check_writable(url, create=False)         # writers, before any work: probe write (or create the bucket)
     s3.url_problem("pipe:curl x | sh")           # why a URL is refused (None: a local path or a registered scheme)
 
 Only local paths (plain or file://) and the fsspec schemes in `SCHEMES` are read. Importing this module
-also replaces every other handler in webdataset's `gopen` table (`pipe:` runs a shell, `http(s):`, `scp:`,
-`sftp:`, `ftps:` run curl, `gs:` gsutil, `ais:`/`hf:`/`htgs:` other CLIs) by one that refuses, so no URL
-(a config's `data.url` or a manifest's shard name) can start a process. http(s) is refused on purpose:
-webdataset reads it with curl; copy such a dataset to disk or S3 first.
+registers the fsspec opener with webdataset, so every reader of s3:// URLs has it, and replaces every other
+handler in webdataset's `gopen` table (`pipe:` runs a shell, `http(s):`, `scp:`, `sftp:`, `ftps:` run curl,
+`gs:` gsutil, `ais:`/`hf:`/`htgs:` other CLIs) by one that refuses, so no URL (a config's `data.url` or a
+manifest's shard name) can start a process. http(s) is refused on purpose: webdataset reads it with curl;
+copy such a dataset to disk or S3 first.
 
 Credentials and endpoints come from the usual places (AWS_ACCESS_KEY_ID/SECRET, ~/.aws, AWS_ENDPOINT_URL for
 a non-AWS endpoint such as the loopback moto server in the tests). No subprocess per shard: webdataset's
@@ -24,6 +26,7 @@ import os
 import re
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import fsspec
@@ -181,8 +184,6 @@ def register_gopen(protocols: tuple[str, ...] = SCHEMES) -> None:
         wds.gopen_schemes[p] = gopen_fsspec
 
 
-register_gopen()  # on import: no process that reads shards through sct keeps webdataset's shell handlers
-
 
 def explain(url: str, exc: BaseException) -> str:
     """A one-line diagnosis of why `url` cannot be read, naming the bucket/endpoint and what to set."""
@@ -203,9 +204,39 @@ def explain(url: str, exc: BaseException) -> str:
     return f"cannot read {url}: {type(exc).__name__}: {exc}"
 
 
+def check_writable(url: str, create: bool = False, budget_s: float = 3.0) -> None:
+    """Before a writer does any work: write and delete a probe object under `url` (with `create`, make the bucket
+    first if it is missing); StorageError with one line naming the bucket/credentials/endpoint problem if not."""
+    if is_local(url):
+        try:
+            Path(fsspec.core.strip_protocol(url)).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StorageError(f"cannot write to {url}: {e}") from None
+        return
+    fs, path = filesystem(url)
+    bucket, probe = path.split("/", 1)[0], path.rstrip("/") + f"/.sct-write-probe-{uuid.uuid4().hex[:8]}"
+    try:
+        if create and not with_retries(lambda: fs.exists(bucket), f"checking bucket {bucket}", budget_s):
+            try:
+                with_retries(lambda: fs.mkdir(bucket), f"creating bucket {bucket}", budget_s)
+                logger.info(f"created bucket '{bucket}'")
+            except Exception:  # another rank may have created it just now: re-raised if not
+                fs.invalidate_cache(bucket)
+                if not fs.exists(bucket):
+                    raise
+        with_retries(lambda: fs.pipe_file(probe, b""), f"writing {url}", budget_s)
+        with_retries(lambda: fs.rm_file(probe), f"deleting {probe}", budget_s)
+    except Exception as e:  # noqa: BLE001 - every failure becomes one clear message
+        hint = " (create it, or pass --create-bucket)" if _error_code(e) == "NoSuchBucket" and not create else ""
+        raise StorageError(explain(url, e) + hint) from None
+
+
 def preflight(url: str, budget_s: float = 3.0) -> bytes:
     """Read `url` once with a short retry budget; raise StorageError with `explain`'s message on failure."""
     try:
         return read_bytes(url, budget_s=budget_s)
     except Exception as e:  # noqa: BLE001 - every failure becomes one clear message
         raise StorageError(explain(url, e)) from e
+
+
+register_gopen()  # on import: no process that reads shards through sct keeps webdataset's shell handlers
