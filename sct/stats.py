@@ -8,6 +8,8 @@ Owns:
 - `timed(name)` / `time_module(module, name)`: wall time of a section, summed into "time/<name>" until `collect_times()`; the
   device is synchronized around it (CUDA kernels are asynchronous) when `set_sync` gave a function.
 - `JSONLWriter`: rank-0 metrics sink, one JSON object per line.
+- `add_sinks` / `publish(record)` / `publish_images(paths, step)` / `close_sinks`: the optional tracking sinks
+  (TensorBoard, W&B: `sct.tracking`) that get each tick's record and the sample grids beside metrics.jsonl.
 - `setup_logging`: loguru sinks (console on rank 0, WARNING+ elsewhere; run_dir/log.txt on rank 0).
 - `Progress`: step, recent it/s and ETA for the status line.
 
@@ -152,6 +154,31 @@ class JSONLWriter:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
+
+
+_sinks: list = []  # tracking sinks of this process (rank 0): scalars(record, step), images(paths, step), close()
+
+
+def add_sinks(sinks) -> None:
+    _sinks.extend(sinks)
+
+
+def publish(record: dict) -> None:
+    """A tick's record (the metrics.jsonl line) to every tracking sink, at record["step"]."""
+    for sink in _sinks:
+        sink.scalars(record, record["step"])
+
+
+def publish_images(paths, step: int) -> None:
+    """Sample grids (PNG files; None or empty: nothing) to every tracking sink."""
+    if paths:
+        for sink in _sinks:
+            sink.images(list(paths), step)
+
+
+def close_sinks() -> None:
+    while _sinks:
+        _sinks.pop().close()
 
 
 def setup_logging(run_dir: Path | None, rank: int = 0, level: str = "INFO") -> None:
