@@ -104,7 +104,7 @@ def _wandb_logged_in() -> bool:
     """True when wandb would find credentials: WANDB_API_KEY, or the netrc entry that `wandb login` writes."""
     if os.environ.get("WANDB_API_KEY"):
         return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).netloc  # the machine `wandb login` writes
     try:
         return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
     except (OSError, netrc.NetrcParseError):

@@ -135,3 +135,23 @@ def test_training_without_sinks_imports_neither(tmp_path, monkeypatch):
         monkeypatch.setitem(sys.modules, name, None)  # any import of them would now fail
     assert train.main(SINKS[:-2] + [f"run.dir={tmp_path / 'plain'}", "run.total_steps=2"]) == 0
     assert not (tmp_path / "plain" / "tensorboard").exists() and not (tmp_path / "plain" / "wandb").exists()
+
+
+def test_wandb_auto_mode_is_online_only_with_credentials(tmp_path, monkeypatch):
+    """auto mode's login check reads what `wandb login` writes: a netrc entry for the W&B host (or WANDB_API_KEY)."""
+    from sct.tracking import _wandb_logged_in
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+    netrc = tmp_path / "netrc"
+    monkeypatch.setenv("NETRC", str(netrc))
+    assert not _wandb_logged_in()  # no file
+    netrc.write_text("machine example.org login me password x\n")
+    netrc.chmod(0o600)
+    assert not _wandb_logged_in()
+    netrc.write_text("machine api.wandb.ai login user password 0123456789abcdef\n")
+    assert _wandb_logged_in()
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org")
+    assert not _wandb_logged_in()
+    monkeypatch.setenv("WANDB_API_KEY", "k")
+    assert _wandb_logged_in()
