@@ -3,17 +3,10 @@ time split adds up to the step time, JVP only for sCT/sCD, teacher only for sCD,
 import pytest
 import torch
 
+from sct import stats
 from sct.bench.__main__ import main as bench_main
 
 SECTIONS = ["data", "teacher", "jvp", "forward", "backward", "optimizer", "ema"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _rows(out: str) -> list[dict]:
@@ -41,3 +34,28 @@ def test_step_benchmark_table_on_cpu(capsys):
 def test_unknown_backbone_is_a_config_error(capsys):
     assert bench_main(["step", "--config", "configs/toy_sct.yaml", "--backbones", "edm2-q"]) == 2
     assert "unknown backbone 'edm2-q'" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_event_sections_agree_with_synchronized_wall_time():
+    a = torch.randn(4096, 4096, device="cuda")
+
+    def section() -> float:
+        with stats.timed("mm"):
+            for _ in range(20):
+                a @ a
+        return stats.collect_times()["mm"]
+
+    section()  # warm-up (cuBLAS handles, allocator)
+    stats.set_cuda_events(True)
+    try:
+        events = section()
+    finally:
+        stats.set_cuda_events(False)
+    stats.set_sync(torch.cuda.synchronize)
+    try:
+        wall = section()
+    finally:
+        stats.set_sync(None)
+    assert events > 0 and 0.7 < events / wall < 1.3
