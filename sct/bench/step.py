@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         for objective in args.objectives:
             for engine in args.engines:
                 r = measure(cfg, objective, engine, args.warmup, args.steps, args.guidance)
-                cells = [_cell(r["s_per_step"], ".4f"), _cell(r["img_per_s"], ".1f"), *(_cell(r[k], ".4f") for k in SECTIONS),
+                cells = [_cell(r["s_per_step"], ".4g"), _cell(r["img_per_s"], ".1f"), *(_cell(r[k], ".4g") for k in SECTIONS),
                          _cell(r["mfu"], ".1%"), _cell(r["peak_gib"], ".2f")]
                 print(f"| {objective} | {backbone} | {engine} | " + " | ".join(cells) + " |", flush=True)
     if dist.is_distributed():

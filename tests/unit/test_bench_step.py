@@ -23,11 +23,11 @@ def test_step_benchmark_table_on_cpu(capsys):
     assert [(r["objective"], r["engine"]) for r in rows] == [(o, e) for o in ("diffusion", "sct", "scd") for e in ("torch", "zero2")]
     for r in rows:
         step = float(r["s/step"])
-        assert step > 0 and float(r["img/s"]) == pytest.approx(64 / step, rel=2e-3)
+        assert step > 0 and float(r["img/s"]) == pytest.approx(64 / step, rel=1e-3)  # 4 significant digits
         parts = {k: float(r[k]) for k in SECTIONS if r[k] != "-"}
         assert ("jvp" in parts) == (r["objective"] != "diffusion") and ("teacher" in parts) == (r["objective"] == "scd")
         assert all(v >= 0 for v in parts.values())
-        assert 0.6 * step <= sum(parts.values()) <= step * 1.001  # the sections cover the step body
+        assert 0.6 * step <= sum(parts.values()) <= step * 1.002  # the sections cover the step body (4-digit rounding)
         assert r["MFU"] == "-" and float(r["peak GiB"]) > 0
 
 
