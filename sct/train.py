@@ -24,7 +24,7 @@ from loguru import logger
 from torch import nn
 
 from pipelines.data import build_stream, data_shape, num_classes
-from sct import dist, loop, stats
+from sct import dist, loop, phema, stats
 from sct.config import ConfigError, parse_cli, save_yaml, to_yaml
 from sct.dist.ema_sharded import ShardedEMA
 from sct.dist.engine import DeepSpeedEngine, TorchEngine
@@ -125,6 +125,7 @@ def _train(cfg: TrainConfig, args, d: dist.Dist) -> int:
         ema = ema or ShardedEMA(net, cfg.ema, make_model=lambda: build_model(cfg.model).to(device))
     else:
         engine, ema = TorchEngine(module, optimizer, cfg.optimizer.grad_clip, cfg.run.grad_accum), EMA(net, cfg.ema)
+    ema = phema.attach(ema, net, cfg.ema.posthoc, run_dir / "phema", snapshot_config(cfg), d.rank, cfg.run.total_steps)
     teacher = getattr(getattr(objective, "velocity", None), "teacher", None)
     if teacher is not None:
         stats.time_module(teacher, "teacher")
