@@ -75,6 +75,7 @@ class UNetConfig:
     num_blocks: int = 2  # residual blocks per level in the encoder; the decoder has num_blocks + 1
     attn_resolutions: tuple[int, ...] = (16,)  # the lowest resolution always has attention (middle block)
     dropout: float = 0.0
+    dropout_max_resolution: int = 0  # dropout only in blocks whose output is at most this resolution (sCM Table 4: 16); 0 = every block
     time_embedding: Literal["positional", "fourier"] = "positional"  # sCM: positional; iCT: fourier
     fourier_scale: float = 16.0  # iCT uses 0.02 (MATH.md §1)
     adaptive_double_norm: bool = True  # sCM §4.1; False = plain AdaGN scale/shift
@@ -90,6 +91,10 @@ class UNetConfig:
     @property
     def resolutions(self) -> list[int]:
         return [self.img_resolution >> level for level in range(len(self.channel_mult))]
+
+    def dropout_at(self, resolution: int) -> float:
+        """Dropout of a block whose output has this resolution (sCM Table 4: only at resolutions <= 16)."""
+        return self.dropout if not self.dropout_max_resolution or resolution <= self.dropout_max_resolution else 0.0
 
     def check(self) -> None:
         if self.name != "unet":
@@ -116,6 +121,8 @@ class UNetConfig:
             raise ConfigError("attn_resolutions", f"{bad} not among the U-Net's resolutions {self.resolutions}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError("dropout", f"must be in [0, 1), got {self.dropout}")
+        if self.dropout_max_resolution < 0:
+            raise ConfigError("dropout_max_resolution", f"must be >= 0 (0 = every resolution), got {self.dropout_max_resolution}")
         if self.time_embedding not in ("positional", "fourier"):
             raise ConfigError("time_embedding", f"must be 'positional' or 'fourier', got {self.time_embedding!r}")
         if self.time_embedding == "fourier" and not self.fourier_scale > 0:
@@ -206,14 +213,14 @@ class ResBlock(nn.Module):
     """resample -> [GroupNorm-SiLU-conv3x3 -> Modulation(emb) -> SiLU-dropout-conv3x3 (zero-init)] + skip, /√2
     (EDM) -> optional self-attention. `takes_skip`: a decoder block whose input is [h, encoder skip]."""
 
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, cfg: UNetConfig, resample: str = "keep",
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, cfg: UNetConfig, resolution: int, resample: str = "keep",
                  attn: bool = False, takes_skip: bool = False):
         super().__init__()
         self.resample, self.takes_skip = resample, takes_skip
         self.norm1 = GroupNorm32(cfg.num_groups, in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.mod = Modulation(out_ch, emb_dim, cfg.num_groups, cfg.adaptive_double_norm)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = nn.Dropout(cfg.dropout_at(resolution))  # resolution: the block's output
         self.conv2 = _zero(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
         self.attn = AttentionBlock(out_ch, cfg.num_groups, cfg.head_channels, cfg.jvp_attention) if attn else None
@@ -246,24 +253,25 @@ class UNet(nn.Module):
         for level, width in enumerate(widths):
             res = cfg.img_resolution >> level
             if level > 0:
-                self.enc.append(ResBlock(ch, ch, E, cfg, resample="down"))
+                self.enc.append(ResBlock(ch, ch, E, cfg, res, resample="down"))
                 skip_ch.append(ch)
             for _ in range(cfg.num_blocks):
-                self.enc.append(ResBlock(ch, width, E, cfg, attn=res in cfg.attn_resolutions))
+                self.enc.append(ResBlock(ch, width, E, cfg, res, attn=res in cfg.attn_resolutions))
                 ch = width
                 skip_ch.append(ch)
 
         # Lowest resolution (EDM2's dec in0/in1): a block with attention, then a plain one.
-        self.mid = nn.ModuleList([ResBlock(ch, ch, E, cfg, attn=True), ResBlock(ch, ch, E, cfg)])
+        low = cfg.resolutions[-1]
+        self.mid = nn.ModuleList([ResBlock(ch, ch, E, cfg, low, attn=True), ResBlock(ch, ch, E, cfg, low)])
 
         # Decoder: num_blocks + 1 blocks a level, each consuming one skip; an up-sampling block between levels.
         self.dec = nn.ModuleList()
         for level, width in reversed(list(enumerate(widths))):
             res = cfg.img_resolution >> level
             if level < len(widths) - 1:
-                self.dec.append(ResBlock(ch, ch, E, cfg, resample="up"))
+                self.dec.append(ResBlock(ch, ch, E, cfg, res, resample="up"))
             for _ in range(cfg.num_blocks + 1):
-                self.dec.append(ResBlock(ch + skip_ch.pop(), width, E, cfg, attn=res in cfg.attn_resolutions,
+                self.dec.append(ResBlock(ch + skip_ch.pop(), width, E, cfg, res, attn=res in cfg.attn_resolutions,
                                          takes_skip=True))
                 ch = width
         assert not skip_ch
