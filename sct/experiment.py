@@ -16,6 +16,7 @@ from sct.checkpoint import load_snapshot
 from sct.config import ConfigError, from_dict, to_dict
 from sct.dist import DistConfig
 from sct.ema import EMAConfig
+from sct.guidance import GUIDANCE_KEYS, check_guidance, check_teacher_guidance
 from sct.loop import LoopConfig
 from sct.models.dit import DiTConfig, build_dit
 from sct.models.mlp import MLPConfig, build_mlp
@@ -64,6 +65,7 @@ class TrainConfig:
             raise ConfigError("sampling.method", f"objective '{self.objective.name}' samples with method '{'ode' if self.objective.name == 'diffusion' else 'consistency'}'")
         if self.sampling.guidance != 1.0 and classes == 0:
             raise ConfigError("sampling.guidance", "classifier-free guidance needs class-conditional data")
+        check_guidance(self)
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
@@ -80,7 +82,10 @@ def init_from_snapshot(net: nn.Module, path: str) -> None:
         raise ConfigError("model.init_from", f"snapshot not found: {path}")
     state, _ = load_snapshot(Path(path))
     try:
-        net.load_state_dict(state)
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        missing = [k for k in missing if GUIDANCE_KEYS not in k]  # a guidance-conditioned student from its teacher
+        if missing or unexpected:
+            raise RuntimeError(f"missing keys {missing[:3]}, unexpected keys {unexpected[:3]}")
     except RuntimeError as e:
         raise ConfigError("model.init_from", f"{path} does not fit model.backbone/model.precond: {str(e).splitlines()[0]}") from None
 
@@ -102,16 +107,18 @@ def build_objective(cfg: TrainConfig) -> nn.Module:
     if isinstance(obj, SCDConfig):
         if not Path(obj.teacher).is_file():
             raise ConfigError("objective.teacher", f"teacher snapshot not found: {obj.teacher}")
-        teacher, _ = load_snapshot_model(obj.teacher)
+        teacher, stored = load_snapshot_model(obj.teacher)
         if not isinstance(teacher, TrigFlow):
             raise ConfigError("objective.teacher", f"{obj.teacher} is not a TrigFlow model")
+        check_teacher_guidance(obj, stored)
         return SCM(obj, precond.sigma_data, TeacherVelocity(teacher, obj.guidance_scale))
     return SCM(obj, precond.sigma_data, DataVelocity())
 
 
 def snapshot_config(cfg: TrainConfig) -> dict:
     """What a snapshot needs besides weights: how to build the model, how to sample it, the sample shape."""
-    return {"model": to_dict(cfg.model), "sampling": to_dict(cfg.sampling), "shape": list(data_shape(cfg.data))}
+    return {"model": to_dict(cfg.model), "sampling": to_dict(cfg.sampling), "shape": list(data_shape(cfg.data)),
+            "objective": to_dict(cfg.objective)}  # label_dropout: can this model be guided (sct.guidance)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -51,13 +51,17 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--label", type=int, default=None, help="class of every sample (default: one class per row of 10)")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (ODE sampling)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale: of the ODE, or the input of a guidance-conditioned consistency student")
     args = p.parse_args(argv)
 
     net, stored = load_snapshot_model(args.snapshot)
     sampling = from_dict(SamplingConfig, stored["sampling"], source=str(args.snapshot))
     if args.guidance is not None:
         sampling.guidance = args.guidance
+        conditioned = stored["model"]["backbone"].get("guidance_embedding", False)
+        if sampling.method == "consistency" and args.guidance != 1.0 and not conditioned:
+            p.error(f"--guidance: {args.snapshot} is a consistency model without a guidance input (train it with objective.guidance_max > 1)")
     sampling.steps, sampling.mids = (args.steps,), None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     net = net.to(device)

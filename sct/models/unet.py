@@ -79,6 +79,7 @@ class UNetConfig:
     time_embedding: Literal["positional", "fourier"] = "positional"  # sCM: positional; iCT: fourier
     fourier_scale: float = 16.0  # iCT uses 0.02 (MATH.md §1)
     adaptive_double_norm: bool = True  # sCM §4.1; False = plain AdaGN scale/shift
+    guidance_embedding: bool = False  # the guidance scale w is an input (guidance-conditioned sCD student, sCM Table 4)
     head_channels: int = 64  # channels per attention head (EDM2); one head if it does not divide the width
     jvp_attention: JVPAttention = "auto"  # attention kernel under forward_ad_mode() (sct.models.attention)
     checkpointing: bool = False  # activation checkpointing of every block in the gradient-carrying forward
@@ -235,7 +236,7 @@ class ResBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """F(x [B,C,H,W], noise_labels [B], class_labels [B,label_dim] | None) -> [B,C,H,W]."""
+    """F(x [B,C,H,W], noise_labels [B], class_labels [B,label_dim] | None, guidance [B] | None) -> [B,C,H,W]."""
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -244,7 +245,7 @@ class UNet(nn.Module):
         mc = cfg.model_channels
         widths = [mc * m for m in cfg.channel_mult]
         self.time_embedding_dim = E = 4 * mc  # ADM/EDM; equals EDM2's max(widths) for mult 1-2-3-4
-        self.map = ConditioningEmbedding(cfg.time_embedding, mc, E, cfg.label_dim, cfg.fourier_scale)
+        self.map = ConditioningEmbedding(cfg.time_embedding, mc, E, cfg.label_dim, cfg.fourier_scale, cfg.guidance_embedding)
 
         # Encoder: a skip is kept after conv_in and after every block (down-sampling ones included).
         self.conv_in = nn.Conv2d(cfg.img_channels, widths[0], 3, padding=1)
@@ -279,12 +280,12 @@ class UNet(nn.Module):
         self.out_norm = GroupNorm32(cfg.num_groups, ch)
         self.out_conv = _zero(nn.Conv2d(ch, cfg.img_channels, 3, padding=1))
 
-    def embed(self, noise_labels: Tensor, class_labels: Tensor | None = None) -> Tensor:
+    def embed(self, noise_labels: Tensor, class_labels: Tensor | None = None, guidance: Tensor | None = None) -> Tensor:
         """Conditioning vector emb [B, time_embedding_dim], always computed in fp32 (fp64 for an fp64 net)."""
-        return self.map(noise_labels, class_labels)
+        return self.map(noise_labels, class_labels, guidance)
 
-    def forward(self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None = None) -> Tensor:
-        emb = self.embed(noise_labels, class_labels)
+    def forward(self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None = None, guidance: Tensor | None = None) -> Tensor:
+        emb = self.embed(noise_labels, class_labels, guidance)
         run = block_runner(self.cfg.checkpointing)
         h = self.conv_in(x)
         skips = [h]
