@@ -64,6 +64,8 @@ def dry_run(cfg: TrainConfig, world: int) -> None:
     parts = ", ".join(f"{k} {_size(v)}" for k, v in mem.items() if k != "total")
     print(f"# model states per GPU, ZeRO-{stage} on {world} ranks (fp32 weights, grads, Adam): {_size(mem['total'])} ({parts})"
           + ("; sCD teacher taken as the student's size" if frozen else "") + "; activations not included")
+    if cfg.ema.posthoc.sigma_rels:  # each profile is one more fp32 EMA, sharded like the EMA under ZeRO-3
+        print(f"# post-hoc EMA: {len(cfg.ema.posthoc.sigma_rels)} profiles, {_size(4 * n / (world if stage == 3 else 1))} per GPU each, {_size(4 * n)} per stored file")
 
 
 def main(argv: list[str] | None = None) -> int:
