@@ -1,6 +1,7 @@
 """EDM2 post-hoc EMA: profile math against closed forms and numerical integrals, and a toy run whose
 reconstruction at sigma_rel 0.07 and 0.03 (from stored 0.05 and 0.10 profiles) matches a power EMA trained
-directly at that length; resume of the profiles; a training run that stores them; the CLI's errors."""
+directly at that length; resume of the profiles; a training run that stores them, resumes them exactly and
+serves the reconstruction as sCD teacher and init; the CLI's errors."""
 import math
 
 import numpy as np
@@ -11,6 +12,7 @@ from torch import nn
 from sct import posthoc_ema, train
 from sct.config import ConfigError
 from sct.ema import EMA, EMAConfig, PostHocConfig, power_gamma_from_std, power_std_from_gamma
+from sct.checkpoint import load_snapshot
 from sct.experiment import load_snapshot_model
 from sct.phema import attach, profile_inner, solve_coefficients
 
@@ -128,6 +130,17 @@ def test_training_stores_profiles_and_the_cli_writes_a_loadable_snapshot(tmp_pat
     assert posthoc_ema.main(["--run", str(run), "--sigma-rel", "0.02", "--out", str(out)]) == 0
     model, stored = load_snapshot_model(out)
     assert stored["sampling"]["method"] == "ode" and all(torch.isfinite(p).all() for p in model.parameters())
+    student = ["--config", "configs/toy_scd.yaml", f"run.dir={tmp_path / 'scd'}", "run.total_steps=2", "run.batch_size=16",
+               "model.backbone.hidden=16", "model.backbone.depth=1", "run.sample_every=100", "run.snapshot_every=100",
+               f"objective.teacher={out}", f"model.init_from={out}"]
+    assert train.main(student) == 0  # the reconstruction serves as objective.teacher and model.init_from
+    parts = tmp_path / "parts"  # stopped after 4 steps (checkpointed) and resumed by the same command
+    assert train.main([*args[:2], f"run.dir={parts}", *args[3:], "run.max_steps_per_job=4"]) == 0
+    assert train.main([*args[:2], f"run.dir={parts}", *args[3:]]) == 0
+    for name in names:
+        a, _ = load_snapshot(run / "phema" / name)
+        b, _ = load_snapshot(parts / "phema" / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
     assert posthoc_ema.main(["--run", str(run), "--sigma-rel", "0.02", "--out", str(out), "--step", "5"]) == 2
     assert "step 5 is not a stored step" in capsys.readouterr().err
     assert posthoc_ema.main(["--run", str(tmp_path / "nothing"), "--sigma-rel", "0.02", "--out", str(out)]) == 2
