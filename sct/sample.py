@@ -2,7 +2,8 @@
 
 Reads only the snapshot (EMA weights + model and sampling config). Writes a PNG grid (images) or a
 scatter plot (2-D points) and `samples.pt` (tensor + seeds + labels). Sample i uses seed `--seed + i`,
-so any subset can be regenerated exactly, whatever the batch size.
+so any subset can be regenerated exactly, whatever the batch size. `--guidance W` sets the CFG scale of a
+diffusion snapshot's ODE, or the scale input of a guidance-conditioned consistency student (objective.guidance_max).
 """
 from __future__ import annotations
 
