@@ -16,6 +16,7 @@ from pipelines.data import ArrayDataConfig, ShardDataConfig, data_shape, num_cla
 from sct.config import ConfigError, from_dict, to_dict
 from sct.dist import DistConfig
 from sct.ema import EMAConfig
+from sct.guidance import GUIDANCE_KEYS, check_guidance, check_teacher_guidance
 from sct.loop import LoopConfig
 from sct.models.dit import DiTConfig, build_dit
 from sct.models.mlp import MLPConfig, build_mlp
@@ -67,6 +68,7 @@ class TrainConfig:
             raise ConfigError("sampling.method", f"objective '{self.objective.name}' samples with method '{'ode' if self.objective.name == 'diffusion' else 'consistency'}'")
         if self.sampling.guidance != 1.0 and classes == 0:
             raise ConfigError("sampling.guidance", "classifier-free guidance needs class-conditional data")
+        check_guidance(self)
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
@@ -81,7 +83,10 @@ def init_from_snapshot(net: nn.Module, path: str) -> None:
     """Load a snapshot's weights into a freshly built model; a missing, unreadable file or another architecture is a ConfigError."""
     state, _ = open_snapshot(path, "model.init_from")
     try:
-        net.load_state_dict(state)
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        missing = [k for k in missing if GUIDANCE_KEYS not in k]  # a guidance-conditioned student from its teacher
+        if missing or unexpected:
+            raise RuntimeError(f"missing keys {missing[:3]}, unexpected keys {unexpected[:3]}")
     except RuntimeError as e:
         raise ConfigError("model.init_from", f"{path} does not fit model.backbone/model.precond: {str(e).splitlines()[0]}") from None
 
@@ -111,7 +116,8 @@ def build_objective(cfg: TrainConfig) -> nn.Module:
         return TrigFlowDiffusion(obj, precond.sigma_data)
     if isinstance(obj, SCDConfig):
         fits = partial(check_teacher, path=obj.teacher, shape=data_shape(cfg.data), classes=num_classes(cfg.data))
-        teacher, _ = load_snapshot_model(obj.teacher, "objective.teacher", check=fits)  # a TrigFlow model: checked
+        teacher, stored = load_snapshot_model(obj.teacher, "objective.teacher", check=fits)  # a TrigFlow model: checked
+        check_teacher_guidance(obj, stored)
         return SCM(obj, precond.sigma_data, TeacherVelocity(teacher, obj.guidance_scale))
     return SCM(obj, precond.sigma_data, DataVelocity())
 
@@ -119,7 +125,7 @@ def build_objective(cfg: TrainConfig) -> nn.Module:
 def snapshot_config(cfg: TrainConfig) -> dict:
     """What a snapshot needs besides weights: how to build the model, how to sample it, the sample shape."""
     return {"model": to_dict(cfg.model), "sampling": to_dict(cfg.sampling), "shape": list(data_shape(cfg.data)),
-            "objective": cfg.objective.name}  # sct.snapshots.check_teacher: only a diffusion snapshot teaches sCD
+            "objective": to_dict(cfg.objective)}  # sct.snapshots.check_teacher (name), sct.guidance (label_dropout)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -2,8 +2,10 @@
 
 Reads only the snapshot (EMA weights + model and sampling config). Writes a PNG grid (images) or a
 scatter plot (2-D points) and `samples.pt` (tensor + seeds + labels). Sample i uses seed `--seed + i`,
-so any subset can be regenerated exactly, whatever the batch size. A bad option or snapshot (missing,
-not an sct snapshot, --num/--steps/--batch < 1, --label outside the snapshot's classes) exits 2 naming it.
+so any subset can be regenerated exactly, whatever the batch size. `--guidance W` sets the CFG scale of a
+diffusion snapshot's ODE, or the scale input of a guidance-conditioned consistency student (objective.guidance_max).
+A bad option or snapshot (missing, not an sct snapshot, --num/--steps/--batch < 1, --label outside the
+snapshot's classes) exits 2 naming it.
 """
 from __future__ import annotations
 
@@ -54,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--label", type=int, default=None, help="class of every sample (default: one class per row of 10)")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (ODE sampling)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale: of the ODE, or the input of a guidance-conditioned consistency student")
     args = p.parse_args(argv)
     for name in ("steps", "num", "batch"):
         if getattr(args, name) < 1:
@@ -74,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--label {args.label} is not a class of {args.snapshot} (label_dim {stored['model']['backbone']['label_dim']})")
     if args.guidance is not None:
         sampling.guidance = args.guidance
+        conditioned = stored["model"]["backbone"].get("guidance_embedding", False)
+        if sampling.method == "consistency" and args.guidance != 1.0 and not conditioned:
+            p.error(f"--guidance: {args.snapshot} is a consistency model without a guidance input (train it with objective.guidance_max > 1)")
     sampling.steps, sampling.mids = (args.steps,), None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     net = net.to(device)

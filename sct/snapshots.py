@@ -35,8 +35,11 @@ def open_snapshot(path: str | Path, key: str) -> tuple[dict, dict]:
 
 def stored_objective(stored: dict) -> str:
     """The objective that trained the snapshot ('diffusion', 'sct', 'scd', 'ict'; older snapshots: from sampling)."""
-    if isinstance(stored.get("objective"), str):
-        return stored["objective"]
+    objective = stored.get("objective")
+    if isinstance(objective, dict) and isinstance(objective.get("name"), str):
+        return objective["name"]
+    if isinstance(objective, str):
+        return objective
     method = _get(stored, "sampling", "method")
     return {"ode": "diffusion", "consistency": "a consistency objective (sct/scd/ict)"}.get(method, "unknown")
 

@@ -26,7 +26,7 @@ from loguru import logger
 from torch import nn
 
 from pipelines.data import build_stream, data_shape, num_classes
-from sct import dist, loop, startup, stats
+from sct import dist, loop, phema, startup, stats
 from sct.config import ConfigError, parse_cli, save_yaml, to_yaml
 from sct.dist.ema_sharded import ShardedEMA
 from sct.dist.engine import DeepSpeedEngine, TorchEngine
@@ -67,6 +67,8 @@ def dry_run(cfg: TrainConfig, world: int) -> None:
     parts = ", ".join(f"{k} {_size(v)}" for k, v in mem.items() if k != "total")
     print(f"# model states per GPU, ZeRO-{stage} on {world} ranks (fp32 weights, grads, Adam): {_size(mem['total'])} ({parts})"
           + ("; sCD teacher taken as the student's size" if frozen else "") + "; activations not included")
+    if cfg.ema.posthoc.sigma_rels:  # each profile is one more fp32 EMA, sharded like the EMA under ZeRO-3
+        print(f"# post-hoc EMA: {len(cfg.ema.posthoc.sigma_rels)} profiles, {_size(4 * n / (world if stage == 3 else 1))} per GPU each, {_size(4 * n)} per stored file")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,6 +131,7 @@ def _train(cfg: TrainConfig, args, d: dist.Dist) -> int:
         ema = ema or ShardedEMA(net, cfg.ema, make_model=lambda: build_model(cfg.model).to(device))
     else:
         engine, ema = TorchEngine(module, optimizer, cfg.optimizer.grad_clip, cfg.run.grad_accum), EMA(net, cfg.ema)
+    ema = phema.attach(ema, net, cfg.ema.posthoc, run_dir / "phema", snapshot_config(cfg), d.rank, cfg.run.total_steps)
     teacher = getattr(getattr(objective, "velocity", None), "teacher", None)
     if teacher is not None:
         stats.time_module(teacher, "teacher")

@@ -72,7 +72,7 @@ def test_scd_teacher_must_be_a_diffusion_snapshot_of_the_runs_shape(tmp_path, ru
         assert rc == 2 and "objective.teacher" in output and "Traceback" not in output, output
         assert re.search(expect, output), output
     good = snapshot_of(tmp_path / "teacher.safetensors", "configs/toy_diffusion.yaml")
-    assert json.loads((tmp_path / "teacher.json").read_text())["model_config"]["objective"] == "diffusion"
+    assert json.loads((tmp_path / "teacher.json").read_text())["model_config"]["objective"]["name"] == "diffusion"
     rc, output = run_main(train.main, [*SCD, f"run.dir={tmp_path / 'student'}", "run.total_steps=1", f"objective.teacher={good}"])
     assert rc == 0, output
 
