@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from sct import posthoc_ema, train
+from sct.checkpoint import load_snapshot
 from sct.config import ConfigError
 from sct.ema import EMA, EMAConfig, PostHocConfig, power_gamma_from_std, power_std_from_gamma
-from sct.checkpoint import load_snapshot
 from sct.experiment import load_snapshot_model
 from sct.phema import attach, profile_inner, solve_coefficients
 
