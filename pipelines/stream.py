@@ -155,7 +155,15 @@ class BadShard(Exception):
     pass
 
 
-class TooManyBadShards(RuntimeError):
+class DataError(RuntimeError):
+    """The stream cannot go on (sct.train exits with status 4)."""
+
+
+class TooManyBadShards(DataError):
+    pass
+
+
+class DataWorkerDied(DataError):
     pass
 
 
@@ -268,6 +276,10 @@ class _Slots(IterableDataset):
             del os.environ[k]
         os.environ.update(self.env)
         info = get_worker_info()
+        messages: list[str] = []  # a worker's warnings (retries, skipped shards) travel with its next batch to the trainer's log
+        if info is not None:
+            logger.remove()
+            logger.add(lambda m: messages.append(str(m).rstrip()), level="WARNING", format="{message}")
         logical = ((info.id if info else 0) + self.rotation) % self.workers
         reader = SlotReader(self.cfg, self.manifest, self.rank * self.workers + logical, self.slots)
         samples = reader.samples(*self.positions[logical])
@@ -283,7 +295,9 @@ class _Slots(IterableDataset):
                 batch["labels"] = torch.nn.functional.one_hot(torch.tensor(labels), self.classes).float()
             if self.return_ids:
                 batch["ids"], batch["epochs"] = torch.tensor(ids), torch.tensor(epochs)
-            batch["_state"] = {"worker": logical, "position": [epoch, position], **reader.counters, "bad": dict(reader.bad)}
+            batch["_state"] = {"worker": logical, "position": [epoch, position], **reader.counters, "bad": dict(reader.bad),
+                               "messages": list(messages)}
+            messages.clear()
             yield batch
 
 
@@ -328,7 +342,12 @@ class ShardStream:
     def __next__(self) -> dict:
         if self._it is None:
             self._it = self._start()
-        batch = next(self._it)
+        try:
+            batch = next(self._it)
+        except RuntimeError as e:
+            if str(e).startswith("DataLoader worker (pid"):  # killed (OOM killer, a signal) or exited without a word
+                raise DataWorkerDied(f"rank {self.rank}: {e}") from None
+            raise
         info = batch.pop("_state")
         worker = int(info["worker"])
         assert worker == self.batches % self.workers, "DataLoader delivered batches out of order"
@@ -339,6 +358,8 @@ class ShardStream:
 
     def _account(self, worker: int, info: dict) -> None:
         """Sum the workers' counters; log changes; raise past max_bad_shards (distinct shards over all workers)."""
+        for message in info.get("messages", ()):
+            logger.bind(every_rank=True).warning(f"data worker {worker} (rank {self.rank}): {message}")
         before = dict(self.counters)
         self._per_worker[worker] = {k: int(info[k]) for k in ("retries", "bad_shards", "skipped_samples")}
         self.counters = {k: sum(w[k] for w in self._per_worker.values()) for k in ("retries", "skipped_samples")}

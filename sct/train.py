@@ -5,8 +5,11 @@
     deepspeed sct/train.py --config X.yaml                       (DS_ACCELERATOR=cpu on a CPU host)
 
 Builds the pieces a config names and hands them to `sct.loop.run`. The resolved config is saved as
-`<run.dir>/config.yaml`; rerunning the same command resumes from the latest complete checkpoint.
-Exit status: 0 done, 2 config error, 75 preempted (SIGTERM/SIGUSR1; checkpointed, rerun to resume).
+`<run.dir>/config.yaml`; rerunning the same command resumes from the latest complete checkpoint
+(sct.run_folder: one job per run.dir, config changes and unsafe checkpoints refused).
+`--restart-if-no-valid-checkpoint`: when every checkpoint is invalid, move them aside and start at step 0.
+Exit statuses (0 done, 2 config error, 3 non-finite, 4 data, 5 storage, 6 state, 7 busy, 75 preempted):
+sct/exit_codes.py.
 """
 from __future__ import annotations
 
@@ -24,12 +27,12 @@ from loguru import logger
 from torch import nn
 
 from pipelines.data import build_stream, data_shape, num_classes
-from sct import dist, loop, stats
+from sct import dist, exit_codes, loop, run_folder, stats
 from sct.config import ConfigError, parse_cli, save_yaml, to_yaml
 from sct.dist.ema_sharded import ShardedEMA
 from sct.dist.engine import DeepSpeedEngine, TorchEngine
 from sct.dist.flops import peak_flops, step_flops_per_sample, zero_model_state_bytes
-from sct.dist.preempt import EXIT_PREEMPTED, Preemption
+from sct.dist.preempt import EXIT_PREEMPTED, Preemption, StartupPreempted
 from sct.ema import EMA
 from sct.experiment import (
     TrainConfig,
@@ -67,8 +70,21 @@ def dry_run(cfg: TrainConfig, world: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    preempt = Preemption().install()  # first of all: a signal during start-up exits 75 too (StartupPreempted)
+    try:
+        return _main(argv, preempt)
+    except StartupPreempted as e:
+        print(f"{e}; exiting with status {EXIT_PREEMPTED} (rerun the same command)", file=sys.stderr)
+        return EXIT_PREEMPTED
+    finally:
+        preempt.uninstall()
+
+
+def _main(argv: list[str] | None, preempt: Preemption) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--world-size", type=int, default=None, help="--dry-run: ranks for the memory estimate (default $WORLD_SIZE or 1)")
+    parser.add_argument("--restart-if-no-valid-checkpoint", action="store_true",
+                        help="when run.dir has checkpoints but none is valid, move them aside and start at step 0 (default: refuse, status 6)")
     try:
         cfg, args = parse_cli(sys.argv[1:] if argv is None else argv, TrainConfig, parser)
         if args.dry_run:
@@ -78,16 +94,26 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    folder = None
     try:
-        return _train(cfg, args, d)
+        try:
+            folder = run_folder.open_run(Path(cfg.run.dir), cfg, d, restart=args.restart_if_no_valid_checkpoint)
+        except ConfigError as e:
+            print(f"config error: {args.config}: {e}", file=sys.stderr)
+            return 2
+        except exit_codes.Fatal as e:
+            print(exit_codes.fatal_line(e.status, e), file=sys.stderr)
+            return e.status
+        return _train(cfg, args, d, preempt, folder)
     finally:
+        if folder is not None:
+            folder.close()
         if d.owns_group:
             dist.shutdown()
 
 
-def _train(cfg: TrainConfig, args, d: dist.Dist) -> int:
-    run_dir = Path(cfg.run.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+def _train(cfg: TrainConfig, args, d: dist.Dist, preempt: Preemption, folder: run_folder.RunFolder) -> int:
+    run_dir = folder.run_dir  # created, locked and checked by sct.run_folder.open_run
     stats.setup_logging(run_dir, d.rank)
     dist.log_setup(d)
     if d.rank == 0:
@@ -138,18 +164,23 @@ def _train(cfg: TrainConfig, args, d: dist.Dist) -> int:
         snapshot_config=snapshot_config(cfg),
         write_samples=partial(write_grids, cfg=cfg.sampling, shape=data_shape(cfg.data), classes=num_classes(cfg.data), device=device),
         dist=d,
-        preempt=Preemption().install(),
+        preempt=preempt,
         config_text=to_yaml(cfg),
         flops_per_sample=flops,
         peak_flops=peak_flops(device, cfg.run.precision),
     )
+    preempt.defer()  # from here a signal waits for the next step boundary and its checkpoint
     try:
-        reached = loop.run(cfg.run, parts, run_dir, device)
+        reached = loop.run(cfg.run, parts, run_dir, device, resume_from=folder.checkpoint)
     except loop.Preempted as p:
         logger.warning(f"{p}; exiting with status {EXIT_PREEMPTED} (rerun the same command to resume)")
         return EXIT_PREEMPTED
-    finally:
-        parts.preempt.uninstall()
+    except Exception as e:  # noqa: BLE001 - the documented fatal errors end with their status, anything else is a bug
+        status = exit_codes.status_of(e)
+        if status is None:
+            raise
+        logger.error(exit_codes.fatal_line(status, e))
+        return status
     if d.rank == 0:
         plot_losses(run_dir)
     logger.info(f"stopped at step {reached}/{cfg.run.total_steps}; outputs in {run_dir}")
