@@ -163,10 +163,6 @@ class TooManyBadShards(DataError):
     pass
 
 
-class DataWorkerDied(DataError):
-    pass
-
-
 def fetch_shard(url: str, entry: dict, budget_s: float, counters: dict) -> list[dict]:
     """The samples of one shard, verified against the manifest's size and sha256; BadShard if it cannot be used."""
     try:
@@ -342,12 +338,7 @@ class ShardStream:
     def __next__(self) -> dict:
         if self._it is None:
             self._it = self._start()
-        try:
-            batch = next(self._it)
-        except RuntimeError as e:
-            if str(e).startswith("DataLoader worker (pid"):  # killed (OOM killer, a signal) or exited without a word
-                raise DataWorkerDied(f"rank {self.rank}: {e}") from None
-            raise
+        batch = next(self._it)
         info = batch.pop("_state")
         worker = int(info["worker"])
         assert worker == self.batches % self.workers, "DataLoader delivered batches out of order"

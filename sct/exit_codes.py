@@ -56,7 +56,7 @@ def status_of(exc: BaseException) -> int | None:
         return exc.status
     if isinstance(exc, NonFiniteLossError):
         return NONFINITE
-    if isinstance(exc, DataError):
+    if isinstance(exc, DataError) or str(exc).startswith("DataLoader worker (pid"):  # a worker killed or gone silent
         return DATA
     if isinstance(exc, (StorageError, OSError)):
         return STORAGE
