@@ -1,9 +1,8 @@
 """The run folder's life cycle at start-up: one job per folder, nothing loaded that another user could
 have written, no silent change of config on resume, nothing stale left over.
 
-    folder = run_folder.open_run(run_dir, cfg, d, restart=False)  # every rank; rank 0 does the work
-    ... loop.run(..., resume_from=folder.checkpoint) ...
-    folder.close()                                                # releases the lock
+    with run_folder.open_run(run_dir, cfg, d, restart=False) as folder:  # every rank; rank 0 does the work
+        ... loop.run(..., resume_from=folder.checkpoint) ...                # the lock is released on exit
 
 `open_run` (rank 0; the outcome is shared with the other ranks, which touch nothing) in this order:
 1. config diff: when run.dir already holds config.yaml and checkpoints, the stored config is compared
@@ -77,6 +76,12 @@ class RunFolder:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None
+
+    def __enter__(self) -> "RunFolder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _flatten(tree, prefix: str = "") -> dict:

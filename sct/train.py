@@ -14,6 +14,7 @@ sct/exit_codes.py.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from functools import partial
@@ -94,26 +95,24 @@ def _main(argv: list[str] | None, preempt: Preemption) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    folder = None
     try:
-        try:
-            folder = run_folder.open_run(Path(cfg.run.dir), cfg, d, restart=args.restart_if_no_valid_checkpoint)
-        except ConfigError as e:
-            print(f"config error: {args.config}: {e}", file=sys.stderr)
-            return 2
-        except exit_codes.Fatal as e:
-            print(exit_codes.fatal_line(e.status, e), file=sys.stderr)
-            return e.status
-        return _train(cfg, args, d, preempt, folder)
+        with contextlib.ExitStack() as on_exit:  # the run folder's lock, once taken, is released with it
+            return _train(cfg, args, d, preempt, on_exit)
     finally:
-        if folder is not None:
-            folder.close()
         if d.owns_group:
             dist.shutdown()
 
 
-def _train(cfg: TrainConfig, args, d: dist.Dist, preempt: Preemption, folder: run_folder.RunFolder) -> int:
-    run_dir = folder.run_dir  # created, locked and checked by sct.run_folder.open_run
+def _train(cfg: TrainConfig, args, d: dist.Dist, preempt: Preemption, on_exit: contextlib.ExitStack) -> int:
+    run_dir = Path(cfg.run.dir)
+    try:  # creates, locks and checks the folder; chooses the checkpoint to resume from
+        folder = on_exit.enter_context(run_folder.open_run(run_dir, cfg, d, restart=args.restart_if_no_valid_checkpoint))
+    except ConfigError as e:
+        print(f"config error: {args.config}: {e}", file=sys.stderr)
+        return 2
+    except exit_codes.Fatal as e:
+        print(exit_codes.fatal_line(e.status, e), file=sys.stderr)
+        return e.status
     stats.setup_logging(run_dir, d.rank)
     dist.log_setup(d)
     if d.rank == 0:
