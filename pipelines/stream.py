@@ -31,6 +31,7 @@ import hashlib
 import io
 import os
 import random
+import signal
 from dataclasses import dataclass
 from typing import Literal
 
@@ -274,6 +275,8 @@ class _Slots(IterableDataset):
         info = get_worker_info()
         messages: list[str] = []  # a worker's warnings (retries, skipped shards) travel with its next batch to the trainer's log
         if info is not None:
+            for sig in (signal.SIGTERM, signal.SIGUSR1):  # a scheduler signals every process: preemption is the trainer's
+                signal.signal(sig, signal.SIG_IGN)      # (it checkpoints, then shuts its workers down)
             logger.remove()
             logger.add(lambda m: messages.append(str(m).rstrip()), level="WARNING", format="{message}")
         logical = ((info.id if info else 0) + self.rotation) % self.workers

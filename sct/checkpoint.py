@@ -3,7 +3,10 @@
 Owns:
 - resumable training state: `run/checkpoints/step_000001000/` directories written atomically
   (temp dir -> fsync -> `COMPLETE` marker with per-file sha256 -> rename), pruned to the newest
-  `keep_last`; `latest_training_state` returns the newest one whose checksums verify.
+  `keep_last`; `latest_training_state` returns the newest one that `verify`s (its marker lists exactly the
+  files present, each with its sha256; a malformed marker is reported by size and hash, never echoed).
+  Sealed checkpoints are not group/other-writable whatever the umask (sct.run_folder refuses those);
+  `load_training_state` unpickles plain data only (weights_only=True).
   `atomic_checkpoint_dir` yields the temp dir so an engine (DeepSpeed) can add its own files; with a
   `barrier` every rank writes into the same temp dir and rank 0 seals it after all are done.
 - inference snapshots: EMA weights as safetensors with the model config in the metadata

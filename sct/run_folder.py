@@ -7,7 +7,8 @@ have written, no silent change of config on resume, nothing stale left over.
 `open_run` (rank 0; the outcome is shared with the other ranks, which touch nothing) in this order:
 1. config diff: when run.dir already holds config.yaml and checkpoints, the stored config is compared
    with the current one; a change to any key outside `OPERATIONAL_KEYS` is refused (status 2) naming
-   the dotted keys. Nothing in the folder is touched by a refused start.
+   the dotted keys. Nothing in the folder is touched by a refused start. Then run.dir is created if
+   missing (never group/other-writable) and must pass the ownership check of 4 (status 6).
 2. lock: `fcntl.flock(LOCK_EX | LOCK_NB)` on `<run.dir>/.lock`, held until `close()` (or the process
    dies: the kernel releases it, so a killed job never leaves a stale lock). The holder writes
    `host pid start-time` into the file; a second job is refused (status 7) naming that holder. Only
@@ -19,7 +20,7 @@ have written, no silent change of config on resume, nothing stale left over.
 3. leftovers: unsealed `.tmp-*` checkpoint folders and `.universal-*` conversions of a dead job are
    removed; a `.old-step_*` folder (a replace interrupted between its two renames) is put back when
    its step folder is missing, else removed.
-4. permissions: run.dir, checkpoints/, and the chosen step folder with everything in it must be owned
+4. permissions: checkpoints/ and the chosen step folder with everything in it must be owned
    by this user and not writable by group or others (no symlinks inside); otherwise the run is refused
    (status 6) before anything in it is read, DeepSpeed's engine files included. sct itself seals
    checkpoints without group/other write permission whatever the umask.
@@ -42,12 +43,13 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import yaml
 from loguru import logger
 
 from sct import exit_codes
-from sct.checkpoint import MARKER, atomic_write, step_dirs, latest_training_state, verify
+from sct.checkpoint import MARKER, atomic_write, latest_training_state, step_dirs, verify
 from sct.config import ConfigError, from_dict, to_dict
 from sct.dist import Dist, all_gather_objects
 
@@ -77,7 +79,7 @@ class RunFolder:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None
 
-    def __enter__(self) -> "RunFolder":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -19,9 +19,10 @@ import signal
 
 import torch
 
+from sct import exit_codes
 from sct.dist import all_reduce_max
-from sct.exit_codes import PREEMPTED as EXIT_PREEMPTED
 
+EXIT_PREEMPTED = exit_codes.PREEMPTED
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 

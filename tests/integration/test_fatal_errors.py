@@ -11,7 +11,6 @@ import signal
 from pathlib import Path
 
 import numpy as np
-import pytest
 import yaml
 
 from pipelines.shards import write_arrays
