@@ -95,14 +95,19 @@ def _flatten(tree, prefix: str = "") -> dict:
     return {prefix: tree}
 
 
-def changed_keys(stored_text: str, cfg) -> list[str]:
-    """Dotted keys whose value differs between the stored YAML and `cfg` (both resolved with defaults)."""
+def changed_keys(stored_text: str, cfg) -> dict[str, tuple]:
+    """{dotted key: (stored value, current value)} where the stored YAML and `cfg` differ (both resolved with defaults)."""
     try:
         stored = from_dict(type(cfg), yaml.safe_load(stored_text) or {}, source="stored config.yaml")
     except (ConfigError, yaml.YAMLError) as e:
         raise ConfigError("run.dir", f"the stored config.yaml no longer loads ({e}); resume it with the sct version that wrote it, or use a new run.dir") from None
     old, new = _flatten(to_dict(stored)), _flatten(to_dict(cfg))
-    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def check_config(run_dir: Path, cfg) -> None:
@@ -110,11 +115,15 @@ def check_config(run_dir: Path, cfg) -> None:
     stored = run_dir / "config.yaml"
     if not stored.is_file() or not step_dirs(run_dir / "checkpoints"):
         return
-    bad = [k for k in changed_keys(stored.read_text(), cfg) if k not in OPERATIONAL_KEYS]
+    try:
+        text = stored.read_bytes().decode()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError("run.dir", f"cannot read the stored {stored} ({e.__class__.__name__}); use a new run.dir") from None
+    bad = {k: v for k, v in changed_keys(text, cfg).items() if k not in OPERATIONAL_KEYS}
     if bad:
-        raise ConfigError("run.dir", f"{run_dir} holds a run whose config differs in {', '.join(bad)} ({stored}); "
-                                     "a resume may change only " + ", ".join(sorted(OPERATIONAL_KEYS))
-                                     + ". Restore those values, or start a new run.dir")
+        changes = ", ".join(f"{k} {_short(a)} -> {_short(b)}" for k, (a, b) in bad.items())
+        raise ConfigError("run.dir", f"{run_dir} holds a run whose config differs in {changes} ({stored}); a resume may change "
+                                     f"only {', '.join(sorted(OPERATIONAL_KEYS))}. Restore those values, or start a new run.dir")
 
 
 def lock(run_dir: Path) -> int | None:
