@@ -114,7 +114,7 @@ def test_resume_refuses_a_changed_config_naming_the_keys(tmp_path, capsys):
     capsys.readouterr()
     assert train.main([*args, "optimizer.lr=2e-3", "run.seed=1", "run.total_steps=5"]) == exit_codes.CONFIG
     err = capsys.readouterr().err
-    assert err.startswith("config error:") and "differs in optimizer.lr 0.001 -> 0.002, run.seed 0 -> 1 (" in err and "Traceback" not in err
+    assert "\nconfig error:" in f"\n{err}" and "differs in optimizer.lr 0.001 -> 0.002, run.seed 0 -> 1 (" in err and "Traceback" not in err
     assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name != ".lock"} == before
     assert train.main([*args, "run.total_steps=5", "run.log_every=2", "run.checkpoint_every=5"]) == 0  # operational keys may change
     assert records(run_dir)[-1]["step"] == 5
