@@ -6,7 +6,7 @@ have written, no silent change of config on resume, nothing stale left over.
 
 `open_run` (rank 0; the outcome is shared with the other ranks, which touch nothing) in this order:
 1. config diff: when run.dir already holds config.yaml and checkpoints, the stored config is compared
-   with the current one; a change to any key outside `OPERATIONAL_KEYS` is refused (status 2) naming
+   with the current one; a change to any key outside `OPERATIONAL_KEYS` (and tracking.*) is refused (status 2) naming
    the dotted keys. Nothing in the folder is touched by a refused start. Then run.dir is created if
    missing (never group/other-writable) and must pass the ownership check of 4 (status 6).
 2. lock: `fcntl.flock(LOCK_EX | LOCK_NB)` on `<run.dir>/.lock`, held until `close()` (or the process
@@ -59,9 +59,11 @@ OPERATIONAL_KEYS = frozenset({
     "run.dir", "run.device", "run.total_steps", "run.max_steps_per_job", "run.log_every", "run.checkpoint_every",
     "run.snapshot_every", "run.sample_every", "run.keep_checkpoints", "run.max_nonfinite_in_a_row",
     "data.url",  # the data stream's state fingerprints the shards' sha256: a moved copy resumes, other data does not
+    "data.num_workers",  # the stream maps saved reader positions onto another layout (none read twice, none skipped)
     "data.prefetch_factor", "data.retry_seconds", "data.max_bad_shards", "data.worker_start",
     "dist.backend", "dist.timeout_minutes",
 })
+OPERATIONAL_SECTIONS = ("tracking.",)  # TensorBoard / W&B sinks
 
 
 class Refused(exit_codes.Fatal):
@@ -119,11 +121,11 @@ def check_config(run_dir: Path, cfg) -> None:
         text = stored.read_bytes().decode()
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError("run.dir", f"cannot read the stored {stored} ({e.__class__.__name__}); use a new run.dir") from None
-    bad = {k: v for k, v in changed_keys(text, cfg).items() if k not in OPERATIONAL_KEYS}
+    bad = {k: v for k, v in changed_keys(text, cfg).items() if k not in OPERATIONAL_KEYS and not k.startswith(OPERATIONAL_SECTIONS)}
     if bad:
         changes = ", ".join(f"{k} {_short(a)} -> {_short(b)}" for k, (a, b) in bad.items())
         raise ConfigError("run.dir", f"{run_dir} holds a run whose config differs in {changes} ({stored}); a resume may change "
-                                     f"only {', '.join(sorted(OPERATIONAL_KEYS))}. Restore those values, or start a new run.dir")
+                                     f"only {', '.join(sorted(OPERATIONAL_KEYS))}, tracking.*. Restore those values, or start a new run.dir")
 
 
 def lock(run_dir: Path) -> int | None:

@@ -46,6 +46,7 @@ from sct.experiment import (
 from sct.images import save_curve
 from sct.optim import build_optimizer, lr_at
 from sct.sample import write_grids
+from sct.tracking import open_sinks
 
 
 def plot_losses(run_dir: Path) -> None:
@@ -167,6 +168,7 @@ def _train(cfg: TrainConfig, args, d: dist.Dist, preempt: Preemption, on_exit: c
         config_text=to_yaml(cfg),
         flops_per_sample=flops,
         peak_flops=peak_flops(device, cfg.run.precision),
+        trackers=partial(open_sinks, cfg.tracking, run_dir, config_text=to_yaml(cfg)) if d.rank == 0 else None,
     )
     preempt.defer()  # from here a signal waits for the next step boundary and its checkpoint
     try:
@@ -174,12 +176,14 @@ def _train(cfg: TrainConfig, args, d: dist.Dist, preempt: Preemption, on_exit: c
     except loop.Preempted as p:
         logger.warning(f"{p}; exiting with status {EXIT_PREEMPTED} (rerun the same command to resume)")
         return EXIT_PREEMPTED
-    except Exception as e:  # noqa: BLE001 - the documented fatal errors end with their status, anything else is a bug
+    except Exception as e:  # the documented fatal errors end with their status, anything else is a bug
         status = exit_codes.status_of(e)
         if status is None:
             raise
         logger.error(exit_codes.fatal_line(status, e))
         return status
+    finally:
+        stats.close_sinks()
     if d.rank == 0:
         plot_losses(run_dir)
     logger.info(f"stopped at step {reached}/{cfg.run.total_steps}; outputs in {run_dir}")
