@@ -1,26 +1,30 @@
-"""Training-step speed on one device: s/step, img/s, the time split, MFU and peak memory, as a markdown table.
+"""`python -m sct.bench step`: training-step speed on one device (s/step, img/s, the time split, MFU, memory) as a table.
 
-    python -m sct.bench step --configs configs/sCT_xl_512.yaml --objectives diffusion sct scd \\
-        --backbones edm2-xl dit-xl/2 --engines torch zero1 zero3 --batch 32 --steps 20 --warmup 5 \\
-        --precision bf16 [--isolate] [--profile DIR] [--out FILE] [key=value ...]
+    python -m sct.bench step --configs configs/sCT_xl_512.yaml --objectives diffusion sct scd \
+        --backbones edm2-xl dit-xl/2 --engines torch zero1 zero3 --batch 32 --steps 20 --warmup 5 \
+        --precision bf16 [--guidance W] [--isolate] [--profile DIR] [--out FILE] [key=value ...]     # GPU: minutes
+    OMP_NUM_THREADS=1 python -m sct.bench step --config configs/toy_sct.yaml --steps 3      # CPU (`--config` = `--configs`)
 
-One process, synthetic in-memory data of the config's shape (one random batch on the device: no shards,
-no checkpoints, no sample grids). Each case (config x objective x backbone preset x engine) builds its
-parts with the training code itself (`sct.experiment` builders, `sct.train.build_engine`: TorchEngine or
-DeepSpeed ZeRO 0-3, `sct.loop.train_step`), runs `--warmup` untimed steps, then `--steps` timed ones, and
-reports the median per step. sCD distills from a random teacher of the student's shape (guided at
-objective.guidance_scale: 1.2 unless the config or an override says otherwise; 1 without classes). Overrides apply to every
-case after the case's objective/backbone/engine are set (e.g. model.channels_last=true).
+One process, synthetic batches of the config's shape (random normal images, one-hot labels, pinned host memory;
+the `data` section is their copy to the device; no shards, checkpoints or sample grids). Each case (config x
+objective x backbone x engine) builds its parts with the training code itself (`sct.experiment` builders,
+`sct.train.build_engine`: TorchEngine or DeepSpeed ZeRO 0-3 on one rank, `sct.models.speed.finish`) and runs
+`sct.loop.train_step`: `--warmup` untimed steps, then `--steps` timed ones; the table shows medians per step.
+Backbones: `config` (the config's own) or a preset (edm2-s..xxl, dit-*/1,2,4; 64x64x4 latents, 1000 classes).
+sCD distills from a random teacher of the student's shape (zero-initialised layers of student and teacher
+get small random values, so no loss or gradient is trivially 0), guided at `--guidance` (default: the
+config's sCD guidance, else 1.2 with classes, 1 without; > 1 is two teacher passes). `key=value` overrides
+apply to every case after its objective/backbone/engine are set (e.g. model.channels_last=true).
 
-Timing: CUDA events around each step on GPU, perf_counter elsewhere; the sections (data, teacher, JVP,
-forward = objective - teacher - JVP, backward, optimizer, EMA) are `sct.stats` timers, which synchronize
-the device around each section. MFU counts the step's FLOPs with `sct.dist.flops` against the device's
-dense peak (none on CPU). Memory: `peak GiB` is torch.cuda.max_memory_allocated over the timed steps on GPU;
-on CPU it is the ZeRO formula's model states (fp32 weights, grads, Adam, EMA, teacher) plus the measured
-activations. `act GiB` is the peak allocated by one objective + backward above what was live before it
-(`sct.bench.memory.peak_bytes`: allocator statistics on GPU, exact storage accounting on CPU).
-`--isolate` runs each case in a fresh process (clean peak memory; no ZeRO-3 hooks left over).
-`--profile DIR` adds a torch.profiler trace per case and the kernel breakdown (`sct.bench.profile`).
+Timing: on GPU the step is timed with CUDA events and the sections (data, teacher, JVP, forward = objective -
+teacher - JVP, backward, optimizer, EMA) with `sct.stats` CUDA events (no host sync inside the step); on CPU
+with perf_counter. MFU counts the step's FLOPs with `sct.dist.flops` against the device's dense peak (none on
+CPU). `peak GiB`: torch.cuda.max_memory_allocated over the timed steps on GPU; on CPU the ZeRO formula's model
+states (fp32 weights, grads, Adam, EMA, teacher) plus the measured activations. `act GiB`: the peak one
+objective + backward allocates above what was live before it (`sct.bench.memory.peak_bytes`: allocator
+statistics on GPU, exact storage accounting on CPU). `--isolate` runs each case in a fresh process (clean
+peak memory; no ZeRO-3 hooks left over). `--profile DIR`: a torch.profiler trace per case and the kernel
+breakdown (`sct.bench.profile`).
 
 Tests: `pytest tests/unit/test_bench_step.py`.
 """
@@ -63,16 +67,19 @@ DEFAULT_GUIDANCE = 1.2  # Lu & Song 2024 Table 5, sCD XXL 2-step guidance
 
 
 def backbone_name(preset: str) -> str:
+    if preset == "config":
+        return preset
     if preset in UNET_PRESETS:
         return "unet"
     if preset in DIT_PRESETS:
         return "dit"
-    raise ConfigError("--backbones", f"unknown preset {preset!r} (U-Net: {', '.join(UNET_PRESETS)}; DiT: {', '.join(DIT_PRESETS)})")
+    raise ConfigError("--backbones", f"unknown backbone {preset!r} (config; U-Net: {', '.join(UNET_PRESETS)}; DiT: {', '.join(DIT_PRESETS)})")
 
 
-def case_config(config: str, objective: str, preset: str, engine: str, batch: int, precision: str,
-                overrides: list[str]) -> TrainConfig:
-    """The config file with the case's objective, backbone preset, engine, batch and precision, then `overrides`."""
+def case_config(config: str, objective: str, preset: str, engine: str, batch: int | None, precision: str | None,
+                overrides: list[str], guidance: float | None = None) -> TrainConfig:
+    """The config file with the case's objective, backbone preset, engine, batch and precision (None: the
+    config's), then `overrides`."""
     raw = yaml.safe_load(Path(config).read_text()) or {}
     consistency = {"sct", "scd"}
     old = raw.get("objective", {})
@@ -81,18 +88,23 @@ def case_config(config: str, objective: str, preset: str, engine: str, batch: in
     obj = {k: v for k, v in old.items() if keep and k in fields} | {"name": objective}
     if objective == "scd":
         obj = {"guidance_scale": DEFAULT_GUIDANCE, **obj, "teacher": RANDOM_TEACHER}
-    name = backbone_name(preset)
+        if guidance is not None:
+            obj["guidance_scale"] = guidance
     old_bb = raw.get("model", {}).get("backbone", {})
-    bb = {k: v for k, v in old_bb.items() if old_bb.get("name") == name and k != "preset"} | {"name": name, "preset": preset}
+    bb = old_bb
+    if preset != "config":
+        name = backbone_name(preset)
+        bb = {k: v for k, v in old_bb.items() if old_bb.get("name") == name and k != "preset"} | {"name": name, "preset": preset}
     raw["objective"] = obj
     raw["model"] = {**raw.get("model", {}), "backbone": bb, "init_from": ""}
     raw["sampling"] = {"method": "ode" if objective == "diffusion" else "consistency"}
     raw["dist"] = {**raw.get("dist", {}), "engine": "torch" if engine == "torch" else "deepspeed",
                    "zero_stage": 0 if engine == "torch" else int(engine[4:])}
-    raw["run"] = {**raw.get("run", {}), "batch_size": batch, "grad_accum": 1, "precision": precision}
+    run = {"batch_size": batch, "precision": precision}
+    raw["run"] = {**raw.get("run", {}), "grad_accum": 1, **{k: v for k, v in run.items() if v is not None}}
     raw, overridden = apply_overrides(raw, overrides)
     cfg = from_dict(TrainConfig, raw, source=f"{config} ({objective}, {preset}, {engine})", overridden=overridden)
-    if objective == "scd" and not num_classes(cfg.data) and "objective.guidance_scale" not in overridden:
+    if objective == "scd" and not num_classes(cfg.data) and guidance is None and "objective.guidance_scale" not in overridden:
         cfg.objective.guidance_scale = 1.0  # no classes: no guidance
     return cfg
 
@@ -118,10 +130,11 @@ def unzero(*modules: torch.nn.Module, std: float = 1e-3) -> None:
 
 
 def synthetic_batch(cfg: TrainConfig, micro: int, device: torch.device) -> dict:
-    batch = {"x": torch.randn(micro, *data_shape(cfg.data), device=device)}
+    """One host batch of the data config's shape (pinned on GPU: the loop's copy to the device is the data section)."""
+    batch = {"x": torch.randn(micro, *data_shape(cfg.data))}
     if num_classes(cfg.data):
-        batch["labels"] = torch.nn.functional.one_hot(torch.randint(num_classes(cfg.data), (micro,)), num_classes(cfg.data)).float().to(device)
-    return batch
+        batch["labels"] = torch.nn.functional.one_hot(torch.randint(num_classes(cfg.data), (micro,)), num_classes(cfg.data)).float()
+    return {k: v.pin_memory() if device.type == "cuda" else v for k, v in batch.items()}
 
 
 class Repeat:
@@ -160,19 +173,21 @@ class StepTimer:
             self.seconds = time.perf_counter() - self.t0
 
 
-def _median_sections(per_step: list[dict]) -> dict[str, float]:
+def _median_sections(per_step: list[dict]) -> dict[str, float | None]:
+    """Median seconds per section; None for a section no step ran (no teacher outside sCD, no JVP in diffusion)."""
     out = {}
     for name in ("data", "teacher", "jvp", "backward", "optimizer", "ema"):
-        out[name] = statistics.median(s.get(name, 0.0) for s in per_step)
+        out[name] = statistics.median(s.get(name, 0.0) for s in per_step) if any(name in s for s in per_step) else None
     forward = [s.get("objective", 0.0) - s.get("teacher", 0.0) - s.get("jvp", 0.0) for s in per_step]
     return out | {"forward": statistics.median(forward)}
 
 
-def run_case(cfg: TrainConfig, args: argparse.Namespace, label: str) -> dict:
+def run_case(cfg: TrainConfig, args: argparse.Namespace, case: tuple[str, str, str, str]) -> dict:
     """Build the case's parts, warm up, time `args.steps` steps; one table row (plus the profile if asked)."""
     d = dist.init(cfg.dist, cfg.run.device)
     device = d.device
-    stats.set_sync(torch.cuda.synchronize if device.type == "cuda" else None)
+    stats.set_sync(None)
+    stats.set_cuda_events(device.type == "cuda")  # sections on the stream, no host sync inside the step
     torch.manual_seed(cfg.run.seed)
     net = build_model(cfg.model).to(device)
     objective = build_objective(cfg).to(device)
@@ -226,7 +241,8 @@ def run_case(cfg: TrainConfig, args: argparse.Namespace, label: str) -> dict:
     sec = statistics.median(seconds)
     tflops = flops * cfg.run.batch_size / sec / 1e12
     peak_device = peak_flops(device, cfg.run.precision)
-    row = {"case": label, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "params": n,
+    label = _label(case)
+    row = {"case": label, **dict(zip(("config", "objective", "backbone", "engine"), (Path(case[0]).stem, *case[1:]))), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "params": n,
            "s/step": sec, "img/s": cfg.run.batch_size / sec, **_median_sections(sections), "TFLOP/s": tflops,
            "MFU": tflops * 1e12 / peak_device if peak_device else None, "peak GiB": peak, "act GiB": act / 2**30, "loss": loss}
     if args.profile:
@@ -234,6 +250,7 @@ def run_case(cfg: TrainConfig, args: argparse.Namespace, label: str) -> dict:
 
         row["profile"] = profile_steps(lambda s: loop.train_step(cfg.run, parts, s, device, autocast), step + 2,
                                        args.profile_steps, device, Path(args.profile) / f"{_slug(label)}.json")
+    stats.set_cuda_events(False)
     del parts, engine, ema, net, objective, teacher
     gc.collect()
     if device.type == "cuda":
@@ -241,19 +258,23 @@ def run_case(cfg: TrainConfig, args: argparse.Namespace, label: str) -> dict:
     return row
 
 
+def _label(case: tuple[str, str, str, str]) -> str:
+    return f"{Path(case[0]).stem} {case[1]} {case[2]} {case[3]}"
+
+
 def _slug(label: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in label)
 
 
 def format_table(rows: list[dict]) -> str:
-    head = "| case | params | " + " | ".join(COLUMNS) + " |"
-    lines = [head, "|---|---:|" + "---:|" * len(COLUMNS)]
+    keys = ("config", "objective", "backbone", "engine")
+    lines = ["| " + " | ".join(keys) + " | params | " + " | ".join(COLUMNS) + " |", "|---|---|---|---|---:|" + "---:|" * len(COLUMNS)]
     for r in rows:
         cells = []
         for c in COLUMNS:
             v = r.get(c)
             cells.append("-" if v is None else f"{v:.1%}" if c == "MFU" else f"{v:.4g}")
-        lines.append(f"| {r['case']} | {r['params'] / 1e6:.1f}M | " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(r[k] for k in keys) + f" | {r['params'] / 1e6:.1f}M | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -268,10 +289,11 @@ def _is_override(arg: str) -> bool:
 def _run_isolated(case: tuple[str, str, str, str], args: argparse.Namespace, argv: list[str]) -> dict:
     config, objective, preset, engine = case
     passthrough = [a for a in argv if _is_override(a)]
+    optional = [*(["--batch", str(args.batch)] if args.batch else []), *(["--precision", args.precision] if args.precision else []),
+                *(["--guidance", str(args.guidance)] if args.guidance is not None else []),
+                *(["--profile", args.profile, "--profile-steps", str(args.profile_steps)] if args.profile else [])]
     cmd = [sys.executable, "-m", "sct.bench", "step", "--configs", config, "--objectives", objective, "--backbones", preset,
-           "--engines", engine, "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--precision", args.precision, "--json", *(["--profile", args.profile, "--profile-steps", str(args.profile_steps)] if args.profile else []),
-           *passthrough]
+           "--engines", engine, "--steps", str(args.steps), "--warmup", str(args.warmup), "--json", *optional, *passthrough]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"case {case} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -281,14 +303,15 @@ def _run_isolated(case: tuple[str, str, str, str], args: argparse.Namespace, arg
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="python -m sct.bench step", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="+", required=True)
+    parser.add_argument("--configs", "--config", nargs="+", required=True, help="training configs (data shape, model, optimizer, run.*)")
     parser.add_argument("--objectives", nargs="+", choices=list(OBJECTIVES), default=["sct"])
-    parser.add_argument("--backbones", nargs="+", default=["edm2-xl"], help="presets: edm2-s..edm2-xxl, dit-s/2..dit-xl/2 (and /1, /4)")
+    parser.add_argument("--backbones", nargs="+", default=["config"], help="config (its own), or presets: edm2-s..xxl, dit-s/2..dit-xl/2 (/1, /4)")
     parser.add_argument("--engines", nargs="+", choices=ENGINES, default=["torch"])
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
+    parser.add_argument("--batch", type=int, default=None, help="global batch (default: the config's run.batch_size)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, allocator warm-up)")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default: the config's run.precision")
+    parser.add_argument("--guidance", type=float, default=None, help="sCD teacher's classifier-free guidance scale")
     parser.add_argument("--isolate", action="store_true", help="run each case in a fresh process")
     parser.add_argument("--profile", metavar="DIR", default=None, help="torch.profiler trace per case into DIR + kernel breakdown")
     parser.add_argument("--profile-steps", type=int, default=3)
@@ -298,31 +321,30 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [a for a in argv if _is_override(a)]  # anywhere, even after a list option such as --backbones
     args = parser.parse_args([a for a in argv if not _is_override(a)])
     args.overrides = overrides
-    if args.steps < 1 or args.warmup < 0 or args.batch < 1:
+    if args.steps < 1 or args.warmup < 0 or (args.batch is not None and args.batch < 1):
         print("config error: --steps and --batch must be >= 1, --warmup >= 0", file=sys.stderr)
         return 2
     rows = []
     try:
-        configs = [case_config(*case, args.batch, args.precision, args.overrides) for case in _cases(args)]  # all checked first
+        configs = [case_config(*case, args.batch, args.precision, args.overrides, args.guidance) for case in _cases(args)]  # all checked first
         for case, cfg in zip(_cases(args), configs):
-            label = f"{Path(case[0]).stem} {case[1]} {case[2]} {case[3]}"
-            print(f"# {label} ...", file=sys.stderr, flush=True)
-            row = _run_isolated(case, args, argv) if args.isolate else run_case(cfg, args, label)
+            print(f"# {_label(case)} ...", file=sys.stderr, flush=True)
+            row = _run_isolated(case, args, argv) if args.isolate else run_case(cfg, args, case)
             rows.append(row)
             if args.json:
                 print(json.dumps(row), flush=True)
             elif "profile" in row:
-                print(f"\n## profile: {label}\n\n{row['profile']}\n", flush=True)
+                print(f"\n## profile: {row['case']}\n\n{row['profile']}\n", flush=True)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    finally:
-        dist.shutdown()
+    # the one-rank process group of the ZeRO cases stays up until exit: DeepSpeed caches its groups, so a
+    # destroyed and re-created group would break the next call in this process
     if args.json:
         return 0
     table = format_table(rows)
     device = rows[0]["device"] if rows else "?"
-    text = f"device: {device}; batch {args.batch}, {args.precision}, median of {args.steps} steps after {args.warmup} warm-up; seconds per step\n\n{table}"
+    text = f"device: {device}; median of {args.steps} steps after {args.warmup} warm-up; times in seconds per step\n\n{table}"
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
