@@ -274,7 +274,7 @@ def format_table(rows: list[dict]) -> str:
         for c in COLUMNS:
             v = r.get(c)
             cells.append("-" if v is None else f"{v:.1%}" if c == "MFU" else f"{v:.4g}")
-        lines.append("| " + " | ".join(r[k] for k in keys) + f" | {r['params'] / 1e6:.1f}M | " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(r[k] for k in keys) + f" | {r['params'] / 1e6:.3g}M | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
