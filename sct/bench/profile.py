@@ -24,12 +24,12 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 CATEGORIES = (  # first match wins: communication before matmul ("allgather" kernels contain no "mm")
-    ("communication", re.compile(r"nccl|all_?gather|reduce_?scatter|all_?reduce|broadcast|c10d|gloo|send|recv", re.I)),
+    ("communication", re.compile(r"nccl|all_?gather|reduce_?scatter|all_?reduce|broadcast|c10d|gloo|send|recv", re.IGNORECASE)),
     ("matmul/conv", re.compile(r"\b(aten::)?(mm|addmm|bmm|baddbmm|matmul|linear|conv\w*|_convolution|mkldnn_convolution\w*)\b|gemm|cutlass|xmma|"
-                               r"sm\d+_|cudnn|convolution|flash|attention|sdpa|_efficient_attention|winograd|implicit_gemm|nhwc", re.I)),
+                               r"sm\d+_|cudnn|convolution|flash|attention|sdpa|_efficient_attention|winograd|implicit_gemm|nhwc", re.IGNORECASE)),
     ("elementwise/norm", re.compile(r"elementwise|vectorized|unrolled|norm|silu|gelu|tanh|softmax|reduce|sum|mean|add|mul|div|sub|"
                                     r"copy|cast|to_copy|fill|zero|exp|log|sqrt|rsqrt|pow|where|cat|stack|index|lerp|foreach|"
-                                    r"clamp|neg|sin|cos|triton|fused|square|abs|max|min|cumsum|pool|upsample|interpolate", re.I)),
+                                    r"clamp|neg|sin|cos|triton|fused|square|abs|max|min|cumsum|pool|upsample|interpolate", re.IGNORECASE)),
 )
 
 

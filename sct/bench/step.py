@@ -50,8 +50,8 @@ from sct.bench.memory import peak_bytes
 from sct.config import ConfigError, apply_overrides, from_dict
 from sct.dist.flops import peak_flops, step_flops_per_sample, zero_model_state_bytes
 from sct.experiment import TrainConfig, build_model, count_parameters
-from sct.models.dit import DIT_PRESETS
 from sct.models import speed
+from sct.models.dit import DIT_PRESETS
 from sct.models.unet import UNET_PRESETS
 from sct.objectives.diffusion import DiffusionConfig, TrigFlowDiffusion
 from sct.objectives.scm import SCM, DataVelocity, SCDConfig, SCTConfig, TeacherVelocity
@@ -222,13 +222,7 @@ def run_case(cfg: TrainConfig, args: argparse.Namespace, case: tuple[str, str, s
     loss = stats.collect().get("loss", float("nan"))
     peak_cuda = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
-    def objective_and_backward():
-        with autocast:
-            out = objective(net, batch, step + 1)
-        engine.backward(out.mean())
-
-    _, act = peak_bytes(objective_and_backward, device)
-    engine.step(parts.lr(step + 1))
+    act = _activation_bytes(parts, {k: v.to(device) for k, v in batch.items()}, step + 1, device, autocast)
     stats.collect_times()
     stats.collect()
     n = count_parameters(net.backbone)
@@ -242,7 +236,8 @@ def run_case(cfg: TrainConfig, args: argparse.Namespace, case: tuple[str, str, s
     tflops = flops * cfg.run.batch_size / sec / 1e12
     peak_device = peak_flops(device, cfg.run.precision)
     label = _label(case)
-    row = {"case": label, **dict(zip(("config", "objective", "backbone", "engine"), (Path(case[0]).stem, *case[1:]))), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "params": n,
+    row = {"case": label, **dict(zip(("config", "objective", "backbone", "engine"), (Path(case[0]).stem, *case[1:]))),
+           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "params": n,
            "s/step": sec, "img/s": cfg.run.batch_size / sec, **_median_sections(sections), "TFLOP/s": tflops,
            "MFU": tflops * 1e12 / peak_device if peak_device else None, "peak GiB": peak, "act GiB": act / 2**30, "loss": loss}
     if args.profile:
@@ -251,11 +246,27 @@ def run_case(cfg: TrainConfig, args: argparse.Namespace, case: tuple[str, str, s
         row["profile"] = profile_steps(lambda s: loop.train_step(cfg.run, parts, s, device, autocast), step + 2,
                                        args.profile_steps, device, Path(args.profile) / f"{_slug(label)}.json")
     stats.set_cuda_events(False)
-    del parts, engine, ema, net, objective, teacher
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return row
+
+
+def _activation_bytes(parts: loop.Parts, batch: dict, step: int, device: torch.device, autocast: torch.autocast) -> int:
+    """Peak bytes one objective + backward allocates above what was live (then the engine steps, as the loop would)."""
+
+    def objective_and_backward():
+        with autocast:
+            out = parts.objective(parts.net, batch, step)
+        parts.engine.backward(out.mean())
+
+    _, act = peak_bytes(objective_and_backward, device)
+    parts.engine.step(parts.lr(step))
+    return act
+
+
+def _free_device_memory() -> None:
+    """After a case: its parts are unreachable; return their memory before the next case builds its own."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _label(case: tuple[str, str, str, str]) -> str:
@@ -294,7 +305,7 @@ def _run_isolated(case: tuple[str, str, str, str], args: argparse.Namespace, arg
                 *(["--profile", args.profile, "--profile-steps", str(args.profile_steps)] if args.profile else [])]
     cmd = [sys.executable, "-m", "sct.bench", "step", "--configs", config, "--objectives", objective, "--backbones", preset,
            "--engines", engine, "--steps", str(args.steps), "--warmup", str(args.warmup), "--json", *optional, *passthrough]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"case {case} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -330,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         for case, cfg in zip(_cases(args), configs):
             print(f"# {_label(case)} ...", file=sys.stderr, flush=True)
             row = _run_isolated(case, args, argv) if args.isolate else run_case(cfg, args, case)
+            _free_device_memory()
             rows.append(row)
             if args.json:
                 print(json.dumps(row), flush=True)

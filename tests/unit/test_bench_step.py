@@ -75,7 +75,7 @@ def test_dit_under_zero3_with_profile(capsys, tmp_path):
     _, rows = _table(text.split("device: ")[-1])
     assert [(r["objective"], r["backbone"], r["engine"]) for r in rows] == [("sct", "dit-s/2", "zero3")]
     assert (tmp_path / "sCT_xl_512_sct_dit-s_2_zero3.json").stat().st_size > 0
-    shares = [float(s) for s in re.findall(r"^\| (?:matmul/conv|elementwise/norm|communication|other) \| [\d.]+ \| ([\d.]+)%", text, re.M)]
+    shares = [float(s) for s in re.findall(r"^\| (?:matmul/conv|elementwise/norm|communication|other) \| [\d.]+ \| ([\d.]+)%", text, re.MULTILINE)]
     assert len(shares) == 4 and abs(sum(shares) - 100) < 0.5 and shares[0] > 0
 
 

@@ -18,7 +18,7 @@ from sct.models import speed
 from sct.models.unet import UNetConfig
 from sct.objectives.scm import SCM, DataVelocity, SCTConfig
 
-TINY = dict(img_resolution=8, img_channels=4, model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,))
+TINY = {"img_resolution": 8, "img_channels": 4, "model_channels": 16, "channel_mult": (1, 2), "num_blocks": 1, "attn_resolutions": (4,)}
 
 
 def _net(**model_keys):

@@ -6,7 +6,7 @@ import torch
 from sct.bench.memory import peak_bytes
 from sct.models.unet import UNet, UNetConfig
 
-TINY = dict(img_resolution=16, img_channels=4, model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,))
+TINY = {"img_resolution": 16, "img_channels": 4, "model_channels": 16, "channel_mult": (1, 2), "num_blocks": 1, "attn_resolutions": (8,)}
 
 
 def _run(**keys):
