@@ -30,6 +30,7 @@ from sct.dist.ema_sharded import ShardedEMA
 from sct.dist.engine import DeepSpeedEngine, TorchEngine
 from sct.dist.flops import peak_flops, step_flops_per_sample, zero_model_state_bytes
 from sct.dist.preempt import EXIT_PREEMPTED, Preemption
+from sct.dist.supervise import record_exit
 from sct.ema import EMA
 from sct.experiment import (
     TrainConfig,
@@ -157,4 +158,4 @@ def _train(cfg: TrainConfig, args, d: dist.Dist) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(record_exit(main()))  # record_exit: the status, for a supervisor above the launcher
