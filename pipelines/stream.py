@@ -31,6 +31,7 @@ import hashlib
 import io
 import os
 import random
+import signal
 from dataclasses import dataclass
 from typing import Literal
 
@@ -253,6 +254,13 @@ class SlotReader:
         return x, int(fields["cls"]) if "cls" in fields else -1
 
 
+def _leave_preemption_to_the_rank(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM/SIGUSR1: their rank checkpoints on it and then stops them. A
+    scheduler that signals every process of a job (SLURM, torchrun's killpg) would kill them mid-batch."""
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, signal.SIG_IGN)
+
+
 class _Slots(IterableDataset):
     """The DataLoader's dataset: physical worker i plays logical worker (i + rotation) % K from its position."""
 
@@ -319,7 +327,8 @@ class ShardStream:
             context.set_forkserver_preload(["pipelines.stream"])  # imported once in the server, not per worker
         loader = DataLoader(ds, batch_size=None, num_workers=self.workers, prefetch_factor=self.cfg.prefetch_factor,
                             pin_memory=torch.cuda.is_available(), multiprocessing_context=context,
-                            generator=torch.Generator().manual_seed(self.cfg.seed))  # not the global RNG: the loop seeds it per step
+                            generator=torch.Generator().manual_seed(self.cfg.seed),  # not the global RNG: the loop seeds it per step
+                            worker_init_fn=_leave_preemption_to_the_rank)
         return iter(loader)
 
     def __iter__(self):

@@ -19,7 +19,8 @@ How, whatever the launcher:
 - SIGTERM and SIGUSR1 to this process are sent on to every registered rank that is still running and
   is a descendant of this process; the launchers in between are not signalled, so they neither die nor
   kill ranks in the middle of a checkpoint. A signal received before a rank registered reaches it when
-  it registers;
+  it registers. The launcher starts with SIGUSR1 ignored (SLURM signals every process of a task);
+  a rank's own handler replaces that;
 - this process is a child subreaper (prctl PR_SET_CHILD_SUBREAPER) and waits for every descendant, not
   just the launcher: if a launcher dies anyway, its ranks are re-parented here and the pod or task
   stays alive while they checkpoint;
@@ -101,6 +102,13 @@ def _is_descendant(pid: int, root: int) -> bool:
     return False
 
 
+def _launcher_ignores_usr1() -> None:
+    """In the launcher's process, before exec: ignore SIGUSR1 (inherited through exec; a rank overrides it
+    with its preemption handler). SLURM delivers a step's signal to every process of a task, and
+    torchrun and the deepspeed launcher would die of SIGUSR1 with their ranks still checkpointing."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 class Supervisor:
     def __init__(self, cmd: list[str]):
         self.cmd = cmd
@@ -141,7 +149,7 @@ class Supervisor:
             _prctl(PR_SET_CHILD_SUBREAPER, 1)
         for s in FORWARDED:
             signal.signal(s, self._on_signal)
-        child = subprocess.Popen(self.cmd, env=dict(os.environ, **{RANKS_DIR: str(self.dir)}))
+        child = subprocess.Popen(self.cmd, env=dict(os.environ, **{RANKS_DIR: str(self.dir)}), preexec_fn=_launcher_ignores_usr1)
         status = None
         try:
             while True:
