@@ -30,7 +30,7 @@ from sct.dist.ema_sharded import ShardedEMA
 from sct.dist.engine import DeepSpeedEngine, TorchEngine
 from sct.dist.flops import peak_flops, step_flops_per_sample, zero_model_state_bytes
 from sct.dist.preempt import EXIT_PREEMPTED, Preemption
-from sct.dist.supervise import record_exit
+from sct.supervise import record_exit
 from sct.ema import EMA
 from sct.experiment import (
     TrainConfig,

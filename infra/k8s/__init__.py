@@ -5,7 +5,7 @@
     pytorchjob.yaml  Kubeflow training-operator v1: ConfigMap + PyTorchJob (kubeflow.org/v1), Master + Workers
     job.yaml         no operator: ConfigMap + headless Service + Indexed Job (batch/v1), pod i = node i
 
-Every pod: the image (default `infra.image.DEFAULT_IMAGE`) runs `python -m sct.dist.supervise --
+Every pod: the image (default `infra.image.DEFAULT_IMAGE`) runs `python -m sct.supervise --
 torchrun|deepspeed ... -m sct.train --config /etc/sct/train.yaml` as its first process (SIGTERM from
 the kubelet reaches every rank, exit 75 after the checkpoint); S3 credentials from a Secret by
 reference (secretKeyRef, never a value); /dev/shm a memory emptyDir; run.dir on a PersistentVolumeClaim;
@@ -68,7 +68,7 @@ def _command(req: Request, rdzv: dict[str, str]) -> list[str]:
     """The container command. `rdzv` names how this pod learns its node rank and the master
     (Kubernetes expands $(VAR) from the container's environment)."""
     train = ["-m", "sct.train", "--config", f"{CONFIG_DIR}/train.yaml"] if req.launcher == "torchrun" else ["--module", "sct.train", "--config", f"{CONFIG_DIR}/train.yaml"]
-    sup = ["python3", "-m", "sct.dist.supervise", "--", "python3"]
+    sup = ["python3", "-m", "sct.supervise", "--", "python3"]
     if req.launcher == "torchrun":
         return [*sup, "-m", "torch.distributed.run", *rdzv["torchrun"], *train]
     return [*sup, "-m", "deepspeed.launcher.runner", "--hostfile", f"{CONFIG_DIR}/hostfile", "--no_ssh", *rdzv["deepspeed"], *train]

@@ -12,7 +12,7 @@ What the script does, in order (docs/launch.md walks through it):
   `--env NAME=VALUE` settings (NCCL_*, ...) are exported literally;
 - MASTER_ADDR = the NodeAddr of the first node (`scontrol show hostnames` + `scontrol show node`),
   MASTER_PORT = 20000 + job id % 20000 (the same rule `sct.dist.launcher` applies under srun alone);
-- one `srun` step running `python -m sct.dist.supervise -- <launcher>` on each node: torchrun with the
+- one `srun` step running `python -m sct.supervise -- <launcher>` on each node: torchrun with the
   c10d rendezvous (default), the deepspeed launcher with a generated hostfile (`--no_ssh`, node rank =
   SLURM_NODEID), or `sct.train` itself as each task (`--launcher srun`);
 - SIGUSR1 / SIGTERM to the batch shell are passed to the step; the step's status 75 (preempted and
@@ -47,7 +47,7 @@ def _q(value) -> str:
 def _launch_cmd(req: Request, opts: SlurmOptions, out: str) -> list[str]:
     """The srun line (as shell words; $VARS expand in the batch shell or, in single quotes, per task)."""
     py, per_node = _q(opts.python), req.procs_per_node
-    sup = f"{py} -m sct.dist.supervise --"
+    sup = f"{py} -m sct.supervise --"
     if req.launcher == "srun":
         return [f"srun --ntasks-per-node={per_node} --kill-on-bad-exit=0 {sup} {py} -m sct.train --config \"$CONFIG\""]
     if req.launcher == "torchrun":
@@ -82,7 +82,7 @@ def render(req: Request, opts: SlurmOptions, out_dir: Path) -> dict[str, str]:
              *(f"#SBATCH {s}" for s in sb),
              "set -uo pipefail",
              f"cd {_q(opts.workdir)}",
-             f"CONFIG={_q(out)}/train.yaml",
+             f"export CONFIG={_q(out)}/train.yaml",
              'echo "sct: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST"']
     if req.pass_env:
         lines += [f"for v in {' '.join(S3_REQUIRED)}; do  # credentials by name: sbatch and srun pass the submitting environment on",

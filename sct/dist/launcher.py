@@ -12,7 +12,7 @@
 `deepspeed.init_distributed` reads. `expand_hostlist` parses SLURM's compressed host lists
 ("gpu[01-03,07],login1") as `scontrol show hostnames` does, without calling the controller.
 
-Signal delivery to the ranks is `sct.dist.supervise` (the top process) and `sct.dist.preempt` (the ranks).
+Signal delivery to the ranks is `sct.supervise` (the top process) and `sct.dist.preempt` (the ranks).
 Tests: `pytest tests/unit/test_launcher.py`; under a real srun: `pytest -m slurm tests/integration/test_slurm.py`.
 """
 from __future__ import annotations

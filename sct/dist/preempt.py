@@ -4,7 +4,7 @@ EXIT_PREEMPTED = 75 (EX_TEMPFAIL, "try again later"): a launcher or an sbatch wr
 e.g. `srun python sct/train.py ...; [ $? -eq 75 ] && scontrol requeue $SLURM_JOB_ID`, or SLURM's
 `--signal=B:USR1@120` to get the signal before the time limit. Rerunning the same command resumes.
 Under torchrun / the deepspeed launcher each worker exits 75 and the launcher reports its own status;
-`python -m sct.dist.supervise -- LAUNCHER ...` (infra/ renders it) delivers the signal to every rank
+`python -m sct.supervise -- LAUNCHER ...` (infra/ renders it) delivers the signal to every rank
 and exits 75 (see there); `install` registers the rank with it (`supervise.adopt`). Every rank must
 agree to stop: `requested_anywhere` takes the max of the flag over ranks (one all-reduce per step).
 
@@ -16,9 +16,10 @@ import signal
 
 import torch
 
-from sct.dist import all_reduce_max, launcher, supervise
+from sct import supervise
+from sct.dist import all_reduce_max, launcher
 
-EXIT_PREEMPTED = 75
+EXIT_PREEMPTED = supervise.EXIT_PREEMPTED  # 75
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 

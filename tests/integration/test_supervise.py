@@ -1,4 +1,4 @@
-"""Preemption as a pod sees it: `python -m sct.dist.supervise -- <launcher> ...` is the container's first
+"""Preemption as a pod sees it: `python -m sct.supervise -- <launcher> ...` is the container's first
 process, and SIGTERM goes to that process only (what the kubelet does). Under torchrun and under the
 deepspeed launcher (which forwards nothing on one node), every rank must checkpoint and exit 75, and so
 must the top process. 2 ranks, gloo, ZeRO-2, the tiny sCT toy; about 30 s per launcher on 2 cores."""
@@ -47,7 +47,7 @@ LAUNCHERS = {
 @pytest.mark.parametrize("kind", sorted(LAUNCHERS))
 def test_sigterm_to_the_top_process_checkpoints_every_rank_and_exits_75(kind, tmp_path):
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "sct.dist.supervise", "--", *LAUNCHERS[kind](), *ARGS, f"run.dir={run_dir}"]
+    cmd = [sys.executable, "-m", "sct.supervise", "--", *LAUNCHERS[kind](), *ARGS, f"run.dir={run_dir}"]
     log = tmp_path / "log.txt"
     with open(log, "w") as f:
         top = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
@@ -63,9 +63,11 @@ def test_sigterm_to_the_top_process_checkpoints_every_rank_and_exits_75(kind, tm
                 os.killpg(top.pid, signal.SIGKILL)
     text = log.read_text()
     assert rc == EXIT_PREEMPTED, text[-4000:]
-    statuses = re.search(r"sct\.dist\.supervise: ranks exited with (\{.*\})", text)
+    statuses = re.search(r"sct\.supervise: ranks exited with (\{.*\})", text)
     assert statuses, text[-4000:]
     assert sorted(json.loads(statuses.group(1)).values()) == [EXIT_PREEMPTED, EXIT_PREEMPTED]
+    # what the launcher itself returned: torchrun 1 (ChildFailedError), deepspeed the rank's 75
+    assert ("ChildFailedError" in text) if kind == "torchrun" else ("exits with return code = 75" in text), text[-4000:]
     steps = len(metrics.read_text().splitlines())
     ckpt = run_dir / "checkpoints" / f"step_{steps:09d}"
     assert (ckpt / "COMPLETE").is_file(), sorted(p.name for p in (run_dir / "checkpoints").iterdir())

@@ -2,8 +2,8 @@
 sct.train itself), hands every preemption signal it receives to every training rank below it, and
 exits 75 when the ranks checkpointed and exited 75.
 
-    python -m sct.dist.supervise -- torchrun --nproc-per-node 8 -m sct.train --config X.yaml
-    python -m sct.dist.supervise -- deepspeed --num_gpus 8 --module sct.train --config X.yaml
+    python -m sct.supervise -- torchrun --nproc-per-node 8 -m sct.train --config X.yaml
+    python -m sct.supervise -- deepspeed --num_gpus 8 --module sct.train --config X.yaml
 
 Why it exists: Kubernetes sends SIGTERM to a container's first process only, SLURM's `--signal=B:USR1`
 reaches the batch shell only, and the launchers differ. torchrun forwards SIGTERM, SIGINT, SIGHUP and
@@ -34,7 +34,8 @@ a snapshot or sample grid if one falls due at that step), the ranks agree in one
 checkpoint and exit; give the scheduler's grace period (Kubernetes `terminationGracePeriodSeconds`,
 SLURM's `--signal=B:USR1@<s>`) at least one step plus one checkpoint plus start-up slack.
 
-Tests: `pytest tests/integration/test_supervise.py` (torchrun and deepspeed, SIGTERM to the top process only).
+Tests: `pytest tests/unit/test_supervise.py tests/integration/test_supervise.py` (torchrun and deepspeed, SIGTERM to
+the top process only).
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ import tempfile
 import time
 from pathlib import Path
 
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL, "try again later" (sct.dist.preempt's status; this module imports no torch: it is PID 1)
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1)
 RANKS_DIR = "SCT_RANKS_DIR"
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36  # <linux/prctl.h>
@@ -168,11 +170,9 @@ class Supervisor:
             shutil.rmtree(self.dir, ignore_errors=True)
 
     def status(self, launcher_status: int | None) -> int:
-        from sct.dist.preempt import EXIT_PREEMPTED  # not at the top: sct.dist.preempt imports this module
-
         ranks, exits = self.ranks(), self.exits()
         if ranks:
-            print(f"sct.dist.supervise: ranks exited with {json.dumps({pid: exits.get(pid) for pid in ranks})}", file=sys.stderr, flush=True)
+            print(f"sct.supervise: ranks exited with {json.dumps({pid: exits.get(pid) for pid in ranks})}", file=sys.stderr, flush=True)
         if ranks and all(exits.get(pid) == EXIT_PREEMPTED for pid in ranks):
             return EXIT_PREEMPTED
         return 1 if launcher_status is None else launcher_status
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--"]:
         argv = argv[1:]
     if not argv:
-        print("usage: python -m sct.dist.supervise -- LAUNCHER [ARGS ...]", file=sys.stderr)
+        print("usage: python -m sct.supervise -- LAUNCHER [ARGS ...]", file=sys.stderr)
         return 2
     return Supervisor(argv).run()
 
