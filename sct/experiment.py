@@ -26,6 +26,7 @@ from sct.objectives.ict import ICT, ICTConfig
 from sct.objectives.scm import SCM, DataVelocity, SCDConfig, SCTConfig, TeacherVelocity
 from sct.optim import OptimizerConfig
 from sct.samplers import SamplingConfig
+from sct.tracking import TrackingConfig
 
 BACKBONES = {"unet": build_unet, "dit": build_dit, "mlp": build_mlp}
 PARAMETERIZATION_OF = {"ict": "edm_consistency", "diffusion": "trigflow", "sct": "trigflow", "scd": "trigflow"}
@@ -48,6 +49,7 @@ class TrainConfig:
     ema: EMAConfig = field(default_factory=EMAConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def check(self) -> None:
         wanted = PARAMETERIZATION_OF[self.objective.name]

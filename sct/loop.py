@@ -87,11 +87,12 @@ class Parts:
     data: Iterator[dict]
     lr: Callable[[int], float]
     snapshot_config: dict  # model + sampling config stored with each snapshot
-    write_samples: Callable[[nn.Module, Path], None]  # EMA model, output stem -> PNG grids
+    write_samples: Callable[[nn.Module, Path], list[Path] | None]  # EMA model, output stem -> PNG grids written
     dist: Dist = field(default_factory=Dist)
     preempt: Preemption | None = None
     config_text: str = ""  # the resolved YAML, stored in each checkpoint
     flops_per_sample: float | None = None  # one training step (forward, JVP, teacher, backward)
+    trackers: Callable[[int], list] | None = None  # start step -> tracking sinks (sct.tracking.open_sinks); rank 0
     peak_flops: float | None = None  # per device; None: no MFU (CPU)
 
 
@@ -140,8 +141,8 @@ def _resume(run_dir: Path, parts: Parts) -> tuple[int, dict] | None:
     parts.ema.load_state_dict(state["ema"])
     same = state["world_size"] == d.world_size
     if not same:
-        logger.warning(f"resuming {state['world_size']} ranks' checkpoint on {d.world_size}: every rank takes rank 0's data position")
-    parts.data.load_state_dict(state["data"][d.rank if same else 0])
+        logger.warning(f"resuming {state['world_size']} ranks' checkpoint on {d.world_size}: the data positions are remapped")
+    parts.data.load_state_dict({**state["data"][d.rank if same else 0], "ranks": state["data"]})  # all ranks': for a remap
     if same:
         torch.set_rng_state(state["rng"][d.rank]["torch"])
         random.setstate(state["rng"][d.rank]["python"])
@@ -187,6 +188,8 @@ def run(cfg: LoopConfig, parts: Parts, run_dir: Path, device: torch.device) -> i
     resumed = _resume(run_dir, parts)
     if resumed is not None:
         start, counters = resumed
+    if parts.trackers is not None:
+        stats.add_sinks(parts.trackers(start))  # TensorBoard / W&B continue the run after step `start`
     stop = cfg.total_steps if not cfg.max_steps_per_job else min(cfg.total_steps, start + cfg.max_steps_per_job)
     metrics = stats.JSONLWriter(run_dir / "metrics.jsonl", parts.dist.rank)
     progress = stats.Progress(cfg.total_steps, start)
@@ -228,6 +231,7 @@ def run(cfg: LoopConfig, parts: Parts, run_dir: Path, device: torch.device) -> i
             record = _tick_record(cfg, parts, done, done - tick_step, time.monotonic() - tick_start, device)
             record["skipped"] = counters["skipped"]
             metrics.write(record)
+            stats.publish(record)
             mfu = f"  MFU {record['mfu']:.1%}" if "mfu" in record else ""
             logger.info(f"{progress.line()}  loss {record.get('loss', float('nan')):.4f}  lr {record['lr']:.2e}  "
                         f"{record['images_per_s']:.1f} img/s{mfu}  skipped {counters['skipped']}")
@@ -239,7 +243,7 @@ def run(cfg: LoopConfig, parts: Parts, run_dir: Path, device: torch.device) -> i
             if snap:
                 _snapshot(run_dir, done, parts, model)
             if grid and parts.dist.rank == 0:
-                parts.write_samples(model, run_dir / "samples" / f"step_{done:09d}")
+                stats.publish_images(parts.write_samples(model, run_dir / "samples" / f"step_{done:09d}"), done)
             del model
         preempted = parts.preempt is not None and parts.preempt.requested_anywhere(device)
         healthy = counters["in_a_row"] == 0  # checkpoint only healthy states

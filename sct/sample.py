@@ -1,4 +1,4 @@
-"""Generate from an inference snapshot: `python -m sct.sample --snapshot PATH --steps 2 --num N --out DIR`.
+"""Generate from an inference snapshot: `python -m sct.sample --snapshot PATH --steps 2 --num N --out DIR` (or `sct-sample`).
 
 Reads only the snapshot (EMA weights + model and sampling config). Writes a PNG grid (images) or a
 scatter plot (2-D points) and `samples.pt` (tensor + seeds + labels). Sample i uses seed `--seed + i`,
@@ -7,6 +7,7 @@ so any subset can be regenerated exactly, whatever the batch size.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -40,10 +41,10 @@ def write_grids(net: nn.Module, stem: Path, cfg: SamplingConfig, shape: tuple, c
     return paths
 
 
-def main(argv=None) -> None:
+def main(argv: list[str] | None = None) -> int:
     from sct.experiment import load_snapshot_model
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m sct.sample", description=__doc__.splitlines()[0])
     p.add_argument("--snapshot", type=Path, required=True, help="snapshot_*.safetensors written by sct.train")
     p.add_argument("--steps", type=int, default=2, help="consistency steps (or ODE intervals for a diffusion snapshot)")
     p.add_argument("--num", type=int, default=100)
@@ -76,7 +77,8 @@ def main(argv=None) -> None:
     picture = args.out / f"samples_{args.steps}step.png"
     save_picture(x, picture, f"{args.steps}-step")
     print(f"wrote {args.num} samples to {args.out / 'samples.pt'} and {picture}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -43,6 +43,7 @@ from sct.experiment import (
 from sct.images import save_curve
 from sct.optim import build_optimizer, lr_at
 from sct.sample import write_grids
+from sct.tracking import open_sinks
 
 
 def plot_losses(run_dir: Path) -> None:
@@ -143,6 +144,7 @@ def _train(cfg: TrainConfig, args, d: dist.Dist) -> int:
         config_text=to_yaml(cfg),
         flops_per_sample=flops,
         peak_flops=peak_flops(device, cfg.run.precision),
+        trackers=partial(open_sinks, cfg.tracking, run_dir, config_text=to_yaml(cfg)) if d.rank == 0 else None,
     )
     try:
         reached = loop.run(cfg.run, parts, run_dir, device)
@@ -151,6 +153,7 @@ def _train(cfg: TrainConfig, args, d: dist.Dist) -> int:
         return EXIT_PREEMPTED
     finally:
         parts.preempt.uninstall()
+        stats.close_sinks()
     if d.rank == 0:
         plot_losses(run_dir)
     logger.info(f"stopped at step {reached}/{cfg.run.total_steps}; outputs in {run_dir}")

@@ -29,6 +29,7 @@ from infra.request import S3_REQUIRED, Request
 KINDS = ("trainjob", "pytorchjob", "job")
 CONFIG_DIR, PORT = "/etc/sct", 29500
 PREEMPTED = 75
+UID = 10001  # the image's user (Dockerfile: useradd --uid 10001)
 
 
 @dataclass
@@ -87,7 +88,7 @@ def _container(req: Request, opts: K8sOptions, name: str, command: list[str] | N
 
 
 def _pod_spec(req: Request, opts: K8sOptions, container: dict, restart: str | None) -> dict:
-    spec = {"securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
+    spec = {"securityContext": {"runAsNonRoot": True, "runAsUser": UID, "runAsGroup": UID, "fsGroup": UID,
                                 "seccompProfile": {"type": "RuntimeDefault"}},
             "terminationGracePeriodSeconds": opts.grace_seconds,
             "containers": [container],
