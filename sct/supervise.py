@@ -15,7 +15,8 @@ rank's status (`launch` stops the other ranks with SIGTERM, then SIGKILL after 3
 How, whatever the launcher:
 - a rank registers when it installs its preemption handler (`adopt`, called by
   `sct.dist.preempt.Preemption.install`): its pid becomes a file in $SCT_RANKS_DIR, a temp dir this
-  process exports, and `record_exit` writes the status it exits with next to it (`sct.train`'s exit);
+  process exports, and `record_exit` writes the status it exits with next to it (`sct.train.main` is
+  decorated with `reports_exit`);
 - SIGTERM and SIGUSR1 to this process are sent on to every registered rank that is still running and
   is a descendant of this process; the launchers in between are not signalled, so they neither die nor
   kill ranks in the middle of a checkpoint. A signal received before a rank registered reaches it when
@@ -40,6 +41,7 @@ the top process only).
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import os
 import shutil
@@ -48,6 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL, "try again later" (sct.dist.preempt's status; this module imports no torch: it is PID 1)
@@ -77,13 +80,21 @@ def adopt(under_launcher: bool) -> None:
 
 
 def record_exit(code: int) -> int:
-    """The status this rank exits with, for the supervisor; returns `code` (`sys.exit(record_exit(main()))`)."""
+    """The status this rank exits with, for the supervisor; returns `code`."""
     where = os.environ.get(RANKS_DIR)
     if where and (Path(where) / str(os.getpid())).exists():
         tmp = Path(where) / f".{os.getpid()}.exit"
         tmp.write_text(str(code))
         tmp.rename(tmp.with_name(f"{os.getpid()}.exit"))  # atomic: the supervisor never reads half a status
     return code
+
+
+def reports_exit(main: Callable[..., int]) -> Callable[..., int]:
+    """Decorate an entry point's `main` (whose int is the exit status) so the status is recorded."""
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs) -> int:
+        return record_exit(main(*args, **kwargs))
+    return wrapper
 
 
 # ---- the top process ----------------------------------------------------------------------------------

@@ -30,7 +30,6 @@ from sct.dist.ema_sharded import ShardedEMA
 from sct.dist.engine import DeepSpeedEngine, TorchEngine
 from sct.dist.flops import peak_flops, step_flops_per_sample, zero_model_state_bytes
 from sct.dist.preempt import EXIT_PREEMPTED, Preemption
-from sct.supervise import record_exit
 from sct.ema import EMA
 from sct.experiment import (
     TrainConfig,
@@ -43,6 +42,7 @@ from sct.experiment import (
 from sct.images import save_curve
 from sct.optim import build_optimizer, lr_at
 from sct.sample import write_grids
+from sct.supervise import reports_exit
 from sct.tracking import open_sinks
 
 
@@ -68,6 +68,7 @@ def dry_run(cfg: TrainConfig, world: int) -> None:
           + ("; sCD teacher taken as the student's size" if frozen else "") + "; activations not included")
 
 
+@reports_exit  # the status, for a supervisor above the launcher (sct.supervise); also as the sct-train script
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--world-size", type=int, default=None, help="--dry-run: ranks for the memory estimate (default $WORLD_SIZE or 1)")
@@ -161,4 +162,4 @@ def _train(cfg: TrainConfig, args, d: dist.Dist) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(record_exit(main()))  # record_exit: the status, for a supervisor above the launcher
+    sys.exit(main())
