@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = ["sbatch", str(out / "job.sbatch")]
     else:
         cmd = ["kubectl", "apply", "-f", str(out / f"{args.kind}.yaml")]
-    return subprocess.run(cmd).returncode
+    return subprocess.run(cmd, check=False).returncode
 
 
 if __name__ == "__main__":

@@ -162,7 +162,7 @@ class Supervisor:
             _prctl(PR_SET_CHILD_SUBREAPER, 1)
         for s in FORWARDED:
             signal.signal(s, self._on_signal)
-        child = subprocess.Popen(self.cmd, env=dict(os.environ, **{RANKS_DIR: str(self.dir)}), preexec_fn=_launcher_ignores_usr1)
+        child = subprocess.Popen(self.cmd, env=dict(os.environ, **{RANKS_DIR: str(self.dir)}), preexec_fn=_launcher_ignores_usr1)  # noqa: PLW1509 (no threads here)
         status = None
         try:
             while True:

@@ -17,6 +17,7 @@ import typing
 from pathlib import Path
 
 import kubernetes_validate
+import pydantic
 import yaml
 
 KUBERNETES = "1.33"
@@ -98,7 +99,7 @@ def _kubeflow(doc: dict, where: str) -> list[str]:
     if not errors:
         try:
             model.from_dict(doc)
-        except Exception as e:  # pydantic's ValidationError: wrong types, missing required fields
+        except (pydantic.ValidationError, ValueError) as e:  # wrong types, missing required fields
             errors.append(f"{where}: {' '.join(str(e).split())}")
     if kind == "TrainingRuntime":
         for rj in doc["spec"].get("template", {}).get("spec", {}).get("replicatedJobs", []):

@@ -51,16 +51,16 @@ def _launch_cmd(req: Request, opts: SlurmOptions, out: str) -> list[str]:
     if req.launcher == "srun":
         return [f"srun --ntasks-per-node={per_node} --kill-on-bad-exit=0 {sup} {py} -m sct.train --config \"$CONFIG\""]
     if req.launcher == "torchrun":
-        return [f"srun --ntasks-per-node=1 --kill-on-bad-exit=0 {sup} {py} -m torch.distributed.run --nnodes=\"$SLURM_NNODES\" "
-                f"--nproc-per-node={per_node} --rdzv-backend=c10d --rdzv-endpoint=\"$MASTER_ADDR:$MASTER_PORT\" "
-                f"--rdzv-id=\"$SLURM_JOB_ID\" -m sct.train --config \"$CONFIG\""]
+        return [(f"srun --ntasks-per-node=1 --kill-on-bad-exit=0 {sup} {py} -m torch.distributed.run --nnodes=\"$SLURM_NNODES\" "
+                 f"--nproc-per-node={per_node} --rdzv-backend=c10d --rdzv-endpoint=\"$MASTER_ADDR:$MASTER_PORT\" "
+                 f"--rdzv-id=\"$SLURM_JOB_ID\" -m sct.train --config \"$CONFIG\"")]
     # deepspeed: the runner on each node, without ssh, from a hostfile of the allocation's nodes
     return [f"HOSTFILE={_q(out)}/hostfile-$SLURM_JOB_ID",
             f"scontrol show hostnames \"$SLURM_JOB_NODELIST\" | sed 's/$/ slots={per_node}/' > \"$HOSTFILE\"",
             "export HOSTFILE",
-            f"srun --ntasks-per-node=1 --kill-on-bad-exit=0 bash -c 'exec {sup} {py} -m deepspeed.launcher.runner "
-            f"--hostfile \"$HOSTFILE\" --no_ssh --node_rank=\"$SLURM_NODEID\" --master_addr=\"$MASTER_ADDR\" "
-            f"--master_port=\"$MASTER_PORT\" --module sct.train --config \"$CONFIG\"'"]
+            (f"srun --ntasks-per-node=1 --kill-on-bad-exit=0 bash -c 'exec {sup} {py} -m deepspeed.launcher.runner "
+             f"--hostfile \"$HOSTFILE\" --no_ssh --node_rank=\"$SLURM_NODEID\" --master_addr=\"$MASTER_ADDR\" "
+             f"--master_port=\"$MASTER_PORT\" --module sct.train --config \"$CONFIG\"'")]
 
 
 def render(req: Request, opts: SlurmOptions, out_dir: Path) -> dict[str, str]:

@@ -18,6 +18,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Self
 
 NODES = ("n1", "n2")
 
@@ -62,7 +63,7 @@ class SlurmCluster:
         ctld, *nodes = _ports(1 + len(NODES))
         socket_path = r / "munge" / "munge.socket"
         lines = [
-            "ClusterName=sct-test", f"SlurmctldHost=localhost(127.0.0.1)", f"SlurmctldPort={ctld}",
+            "ClusterName=sct-test", "SlurmctldHost=localhost(127.0.0.1)", f"SlurmctldPort={ctld}",
             "SlurmUser=root", "SlurmdUser=root", "AuthType=auth/munge", f"AuthInfo=socket={socket_path},cred_expire=10",  # a requeued job waits cred_expire before it restarts
             "CredType=cred/munge", f"StateSaveLocation={r / 'state'}", f"SlurmdSpoolDir={r / 'spool'}/%n",
             f"SlurmctldPidFile={r / 'slurmctld.pid'}", f"SlurmdPidFile={r / 'slurmd'}-%n.pid",
@@ -78,10 +79,10 @@ class SlurmCluster:
         self.munge_socket = socket_path
 
     def _start(self, cmd: list[str], name: str) -> None:
-        log = open(self.root / "log" / f"{name}.out", "w")
-        self.procs.append(subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        with open(self.root / "log" / f"{name}.out", "w") as log:  # the daemon keeps its own copy of the descriptor
+            self.procs.append(subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
 
-    def __enter__(self) -> "SlurmCluster":
+    def __enter__(self) -> Self:
         self._write_config()
         m = self.root / "munge"
         self._start(["munged", "-F", "-f", f"--socket={self.munge_socket}", f"--key-file={m / 'munge.key'}", f"--pid-file={m / 'munged.pid'}",
@@ -95,7 +96,7 @@ class SlurmCluster:
         return self
 
     def _nodes_idle(self) -> bool:
-        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], env=self.env, capture_output=True, text=True).stdout.split()
+        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], env=self.env, capture_output=True, text=True, check=False).stdout.split()
         return out.count("idle") == len(NODES)
 
     def _until(self, ok, timeout: float, what: str) -> None:
@@ -113,7 +114,7 @@ class SlurmCluster:
         return "\n".join(f"== {f.name}\n{f.read_text()[-3000:]}" for f in sorted((self.root / "log").glob("*")) if f.is_file())
 
     def __exit__(self, *exc) -> None:
-        subprocess.run(["scancel", "--full", "--user", "root"], env=self.env, capture_output=True)
+        subprocess.run(["scancel", "--full", "--user", "root"], env=self.env, capture_output=True, check=False)
         for p in reversed(self.procs):
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
@@ -129,13 +130,13 @@ class SlurmCluster:
             os.environ["SLURM_CONF"] = self._saved_conf
 
     def run(self, *cmd: str, check: bool = True) -> str:
-        res = subprocess.run(list(cmd), env=self.env, capture_output=True, text=True)
+        res = subprocess.run(list(cmd), env=self.env, capture_output=True, text=True, check=False)
         if check and res.returncode:
             raise RuntimeError(f"{' '.join(cmd)} -> {res.returncode}: {res.stderr}")
         return res.stdout
 
     def sbatch(self, script: Path, cwd: Path | None = None, env: dict | None = None) -> int:
-        res = subprocess.run(["sbatch", "--parsable", str(script)], env={**self.env, **(env or {})}, cwd=cwd, capture_output=True, text=True)
+        res = subprocess.run(["sbatch", "--parsable", str(script)], env={**self.env, **(env or {})}, cwd=cwd, capture_output=True, text=True, check=False)
         if res.returncode:
             raise RuntimeError(f"sbatch {script} -> {res.returncode}: {res.stderr}")
         return int(res.stdout.strip().split(";")[0])

@@ -34,7 +34,7 @@ def rendered(tmp_path_factory) -> dict[str, Path]:
 
 def cli(path: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "kubernetes_validate", "--strict", "-k", validate.KUBERNETES, str(path)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, check=False)
 
 
 def core_view(docs: list[dict]) -> list[dict]:
@@ -76,7 +76,7 @@ def _set(doc: dict, path: list, value) -> dict:
 
 def test_validators_reject_unknown_fields(rendered, tmp_path):
     folder = rendered["torchrun-gpu-s3"]
-    configmap, service, job = yaml.safe_load_all((folder / "job.yaml").read_text())
+    _, _, job = yaml.safe_load_all((folder / "job.yaml").read_text())
     bad_job = _set(job, ["spec", "template", "spec", "containers", 0, "bogusField"], 1)
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad_job))
     res = cli(tmp_path / "bad.yaml")
