@@ -24,7 +24,8 @@ How, whatever the launcher:
   a rank's own handler replaces that;
 - this process is a child subreaper (prctl PR_SET_CHILD_SUBREAPER) and waits for every descendant, not
   just the launcher: if a launcher dies anyway, its ranks are re-parented here and the pod or task
-  stays alive while they checkpoint;
+  stays alive while they checkpoint (other leftovers get STRAGGLER_S once the launcher and the ranks
+  are gone);
 - each rank under a launcher also asks for SIGTERM when its parent dies (PR_SET_PDEATHSIG), so a rank
   whose launcher was killed checkpoints instead of training on as an orphan;
 - exit status: 75 when at least one rank registered and every registered rank recorded 75 (every rank
@@ -57,6 +58,7 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL, "try again later" (sct.dist.preempt's status
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1)
 RANKS_DIR = "SCT_RANKS_DIR"
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36  # <linux/prctl.h>
+STRAGGLER_S = 10.0  # once the launcher and every rank are gone, how long other adopted processes may linger
 
 
 def _prctl(option: int, value: int) -> None:
@@ -163,7 +165,7 @@ class Supervisor:
         for s in FORWARDED:
             signal.signal(s, self._on_signal)
         child = subprocess.Popen(self.cmd, env=dict(os.environ, **{RANKS_DIR: str(self.dir)}), preexec_fn=_launcher_ignores_usr1)  # noqa: PLW1509 (no threads here)
-        status = None
+        status, deadline = None, None
         try:
             while True:
                 self._forward()
@@ -172,6 +174,10 @@ class Supervisor:
                 except ChildProcessError:  # no child and no adopted orphan left
                     break
                 if pid == 0:
+                    if status is not None and not self._ranks_running():
+                        deadline = deadline or time.monotonic() + STRAGGLER_S
+                        if time.monotonic() > deadline:  # what is left is no rank (a leaked daemon): do not hold the pod
+                            break
                     time.sleep(0.1)
                 elif pid == child.pid:
                     code = os.waitstatus_to_exitcode(raw)
@@ -179,6 +185,10 @@ class Supervisor:
             return self.status(status)
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _ranks_running(self) -> bool:
+        exited = self.exits()
+        return any(pid not in exited and Path(f"/proc/{pid}").exists() for pid in self.ranks())
 
     def status(self, launcher_status: int | None) -> int:
         ranks, exits = self.ranks(), self.exits()

@@ -98,3 +98,14 @@ def test_status_without_ranks_is_the_launchers(tmp_path):
     assert res.returncode == 3
     res = subprocess.run([sys.executable, "-m", "sct.supervise", "--", "sh", "-c", "kill -9 $$"], env=dict(os.environ, PYTHONPATH=str(ROOT)), check=False)
     assert res.returncode == 128 + 9
+
+
+def test_a_leaked_daemon_does_not_hold_the_pod(tmp_path):
+    """The launcher exits 0 and leaves a detached process behind: adopted by the subreaper, not waited for."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    start = time.monotonic()
+    pidfile = tmp_path / "daemon.pid"
+    res = subprocess.run([sys.executable, "-m", "sct.supervise", "--", "sh", "-c", f"(sleep 120 & echo $! > {pidfile}) ; exit 0"], env=env, check=False)
+    took = time.monotonic() - start
+    os.kill(int(pidfile.read_text()), signal.SIGKILL)  # the daemon this test left behind
+    assert res.returncode == 0 and took < 60
