@@ -54,7 +54,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL, "try again later" (sct.dist.preempt's status; this module imports no torch: it is PID 1)
+from sct.exit_codes import PREEMPTED as EXIT_PREEMPTED  # 75; imports no torch, like this module (it is PID 1)
+
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1)
 RANKS_DIR = "SCT_RANKS_DIR"
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36  # <linux/prctl.h>
