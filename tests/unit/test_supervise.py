@@ -1,5 +1,5 @@
 """sct.supervise with small stand-in processes (a real launcher and sct.train ranks are in
-tests/integration/test_supervise.py): the ranks use the real `adopt` / `record_exit`; the "launcher" is
+tests/integration/test_pod_preemption.py): the ranks use the real `adopt` / `record_exit`; the "launcher" is
 a script that starts them and then dies or waits. Checks what the real launchers make hard to provoke:
 a launcher killed outright (its ranks are adopted and waited for), a signal that arrives before any rank
 registered (delivered at registration), and the exit status rule."""
