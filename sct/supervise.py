@@ -36,8 +36,8 @@ a snapshot or sample grid if one falls due at that step), the ranks agree in one
 checkpoint and exit; give the scheduler's grace period (Kubernetes `terminationGracePeriodSeconds`,
 SLURM's `--signal=B:USR1@<s>`) at least one step plus one checkpoint plus start-up slack.
 
-Tests: `pytest tests/unit/test_supervise.py tests/integration/test_pod_preemption.py` (torchrun and deepspeed, SIGTERM to
-the top process only).
+Tests: `pytest tests/unit/test_supervise.py tests/integration/test_pod_preemption.py` (torchrun and
+deepspeed, SIGTERM to the top process only).
 """
 from __future__ import annotations
 
