@@ -48,6 +48,7 @@ from sct.experiment import (
 from sct.images import save_curve
 from sct.optim import build_optimizer, lr_at
 from sct.sample import write_grids
+from sct.supervise import reports_exit
 from sct.tracking import open_sinks
 
 
@@ -75,6 +76,7 @@ def dry_run(cfg: TrainConfig, world: int) -> None:
         print(f"# post-hoc EMA: {len(cfg.ema.posthoc.sigma_rels)} profiles, {_size(4 * n / (world if stage == 3 else 1))} per GPU each, {_size(4 * n)} per stored file")
 
 
+@reports_exit  # the status, for a supervisor above the launcher (sct.supervise); also as the sct-train script
 def main(argv: list[str] | None = None) -> int:
     preempt = Preemption().install()  # first of all: a signal during start-up exits 75 too (StartupPreempted)
     try:
