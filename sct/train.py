@@ -49,6 +49,7 @@ from sct.images import save_curve
 from sct.models import speed
 from sct.optim import build_optimizer, lr_at
 from sct.sample import write_grids
+from sct.supervise import reports_exit
 from sct.tracking import open_sinks
 
 
@@ -103,6 +104,7 @@ def build_engine(cfg: TrainConfig, net: nn.Module, objective: nn.Module, d: dist
     return engine, ema
 
 
+@reports_exit  # the status, for a supervisor above the launcher (sct.supervise); also as the sct-train script
 def main(argv: list[str] | None = None) -> int:
     preempt = Preemption().install()  # first of all: a signal during start-up exits 75 too (StartupPreempted)
     try:
