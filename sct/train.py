@@ -76,12 +76,14 @@ def dry_run(cfg: TrainConfig, world: int, gpu_memory_gib: float | None = None) -
     if cfg.ema.posthoc.sigma_rels:  # each profile is one more fp32 EMA, sharded like the EMA under ZeRO-3
         print(f"# post-hoc EMA: {len(cfg.ema.posthoc.sigma_rels)} profiles, {_size(4 * n / (world if stage == 3 else 1))} per GPU each, {_size(4 * n)} per stored file")
     if gpu_memory_gib:
-        print(zero_advice(n, frozen, world, gpu_memory_gib))
+        print(zero_advice(n, frozen, world, gpu_memory_gib, extra_bytes=4 * n * len(cfg.ema.posthoc.sigma_rels)))
 
 
-def zero_advice(n: int, frozen: int, world: int, gpu_memory_gib: float) -> str:
-    """`--gpu-memory-gib`: the lowest ZeRO stage whose model states fit the GPU, and what it leaves for activations."""
-    stage, mem = lowest_zero_stage(n, world, gpu_memory_gib * 2**30, n_frozen=frozen)
+def zero_advice(n: int, frozen: int, world: int, gpu_memory_gib: float, extra_bytes: float = 0.0) -> str:
+    """`--gpu-memory-gib`: the lowest ZeRO stage whose model states (+ `extra_bytes` per GPU: post-hoc EMA profiles,
+    counted unsharded) fit the GPU, and what it leaves for activations."""
+    stage, mem = lowest_zero_stage(n, world, gpu_memory_gib * 2**30 - extra_bytes, n_frozen=frozen)
+    mem = {**mem, "total": mem["total"] + extra_bytes}
     if stage is None:
         return f"# no ZeRO stage fits {gpu_memory_gib:g} GiB per GPU on {world} ranks (ZeRO-3 needs {_size(mem['total'])}): add ranks"
     return (f"# recommended: dist.zero_stage={stage} (lowest stage whose model states fit {gpu_memory_gib:g} GiB per GPU on {world} ranks: "

@@ -24,3 +24,9 @@ def test_dry_run_prints_the_recommendation(capsys):
     assert "# no ZeRO stage fits 0.001 GiB per GPU on 4 ranks" in capsys.readouterr().out
     assert train.main(argv) == 0
     assert "recommended" not in capsys.readouterr().out
+
+
+def test_post_hoc_ema_profiles_count_against_the_gpu():
+    without = train.zero_advice(XXL, XXL, 8, 40)
+    with_profiles = train.zero_advice(XXL, XXL, 8, 40, extra_bytes=2 * 4 * XXL)  # two fp32 profiles: 11.8 GiB
+    assert "dist.zero_stage=0" in without and "dist.zero_stage=1" in with_profiles  # 35.4 GiB fits 40, 35.4 + 11.8 does not
