@@ -1,6 +1,7 @@
 """Generate from an inference snapshot: `python -m sct.sample --snapshot PATH --steps 2 --num N --out DIR`.
 
-Reads only the snapshot (EMA weights + model and sampling config). Writes a PNG grid (images) or a
+Reads only the snapshot (EMA weights + model and sampling config); `--export DIR` samples through an export
+folder's standalone sampler instead (`python -m sct.export`), with the same seeds, labels and outputs. Writes a PNG grid (images) or a
 scatter plot (2-D points) and `samples.pt` (tensor + seeds + labels). Sample i uses seed `--seed + i`,
 so any subset can be regenerated exactly, whatever the batch size.
 """
@@ -44,7 +45,9 @@ def main(argv=None) -> None:
     from sct.experiment import load_snapshot_model
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--snapshot", type=Path, required=True, help="snapshot_*.safetensors written by sct.train")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--snapshot", type=Path, help="snapshot_*.safetensors written by sct.train")
+    src.add_argument("--export", type=Path, help="a folder written by `python -m sct.export` (its standalone sampler.py)")
     p.add_argument("--steps", type=int, default=2, help="consistency steps (or ODE intervals for a diffusion snapshot)")
     p.add_argument("--num", type=int, default=100)
     p.add_argument("--out", type=Path, required=True)
@@ -53,6 +56,10 @@ def main(argv=None) -> None:
     p.add_argument("--label", type=int, default=None, help="class of every sample (default: one class per row of 10)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (ODE sampling)")
     args = p.parse_args(argv)
+    if args.export is not None:
+        from sct.export import sample_export_cli
+
+        return sample_export_cli(args)
 
     net, stored = load_snapshot_model(args.snapshot)
     sampling = from_dict(SamplingConfig, stored["sampling"], source=str(args.snapshot))
@@ -79,4 +86,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
