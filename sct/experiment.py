@@ -105,7 +105,7 @@ def build_objective(cfg: TrainConfig) -> nn.Module:
         teacher, _ = load_snapshot_model(obj.teacher)
         if not isinstance(teacher, TrigFlow):
             raise ConfigError("objective.teacher", f"{obj.teacher} is not a TrigFlow model")
-        return SCM(obj, precond.sigma_data, TeacherVelocity(teacher, obj.guidance_scale))
+        return SCM(obj, precond.sigma_data, TeacherVelocity(teacher))  # SCM sets the guidance from obj.guidance_scale
     return SCM(obj, precond.sigma_data, DataVelocity())
 
 
