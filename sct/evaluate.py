@@ -92,41 +92,49 @@ def decode_samples(x: Tensor, latent: dict | None) -> Tensor:
     return decode(load_vae(latent["vae"]), x, latent["stats"])
 
 
-class SnapshotSource:
-    """Samples of an in-process snapshot (consistency or ODE) or of an export folder, by global index."""
+class ModelSource:
+    """Samples of an in-process model (consistency or ODE) by global index: seed + i, class i mod classes."""
 
-    def __init__(self, snapshot: Path | None, export: Path | None, device: torch.device):
-        self.device = device
-        if export is not None:
-            from sct.export import load_export
+    def __init__(self, net, sampling, shape: tuple, classes: int, latent: dict | None, path: Path | None, device: torch.device):
+        self.net, self.sampling, self.shape, self.classes, self.latent, self.path, self.device = net, sampling, shape, classes, latent, path, device
+        self.method, self.max_steps, self.guidance = sampling.method, None, sampling.guidance
 
-            self.sampler = load_export(export, str(device))
-            spec = self.sampler.spec
-            self.path, self.shape, self.classes = export / "weights.safetensors", tuple(spec["shape"]), spec["num_classes"]
-            self.method, self.max_steps, self.guidance, self.latent = "consistency", spec["steps"], spec["guidance"], spec.get("latent")
-        else:
-            from sct.config import from_dict
-            from sct.samplers import SamplingConfig
+    @classmethod
+    def from_snapshot(cls, snapshot: Path, device: torch.device) -> "ModelSource":
+        from sct.config import from_dict
+        from sct.samplers import SamplingConfig
 
-            self.net, stored = open_snapshot(snapshot)
-            self.net = self.net.to(device)
-            self.sampling = from_dict(SamplingConfig, stored["sampling"], source=str(snapshot))
-            self.path, self.shape, self.classes = snapshot, tuple(stored["shape"]), stored["model"]["backbone"]["label_dim"]
-            self.method, self.max_steps, self.guidance, self.latent = self.sampling.method, None, self.sampling.guidance, stored.get("latent")
+        net, stored = open_snapshot(snapshot)
+        sampling = from_dict(SamplingConfig, stored["sampling"], source=str(snapshot))
+        return cls(net.to(device), sampling, tuple(stored["shape"]), stored["model"]["backbone"]["label_dim"], stored.get("latent"), snapshot, device)
+
+    def raw(self, seeds: list[int], classes: list[int] | None, steps: int, guidance: float | None) -> Tensor:
+        from sct.samplers import generate
+
+        if guidance is not None:
+            self.sampling.guidance = guidance
+        labels = torch.nn.functional.one_hot(torch.tensor(classes), self.classes).float().to(self.device) if classes else None
+        return generate(self.net, self.sampling, steps, self.shape, seeds, labels, self.device)
 
     def images(self, indices: list[int], seed: int, steps: int, guidance: float | None) -> Tensor:
         seeds = [seed + i for i in indices]
         classes = [i % self.classes for i in indices] if self.classes else None
-        if hasattr(self, "sampler"):
-            x = self.sampler.sample(seeds, classes, steps)
-        else:
-            from sct.samplers import generate
+        return to_uint8(decode_samples(self.raw(seeds, classes, steps, guidance).cpu(), self.latent))
 
-            if guidance is not None:
-                self.sampling.guidance = guidance
-            labels = torch.nn.functional.one_hot(torch.tensor(classes), self.classes).float().to(self.device) if classes else None
-            x = generate(self.net, self.sampling, steps, self.shape, seeds, labels, self.device)
-        return to_uint8(decode_samples(x.cpu(), self.latent))
+
+class ExportSource(ModelSource):
+    """Samples of an export folder's standalone sampler (`python -m sct.export`)."""
+
+    def __init__(self, export: Path, device: torch.device):
+        from sct.export import load_export
+
+        self.sampler = load_export(export, str(device))
+        spec = self.sampler.spec
+        self.path, self.shape, self.classes, self.latent, self.device = export / "weights.safetensors", tuple(spec["shape"]), spec["num_classes"], spec.get("latent"), device
+        self.method, self.max_steps, self.guidance = "consistency", spec["steps"], spec["guidance"]
+
+    def raw(self, seeds: list[int], classes: list[int] | None, steps: int, guidance: float | None) -> Tensor:
+        return self.sampler.sample(seeds, classes, steps)
 
 
 def _distributed() -> tuple[int, int]:
@@ -141,7 +149,7 @@ def _distributed() -> tuple[int, int]:
     return tdist.get_rank(), tdist.get_world_size()
 
 
-def generate_all(source: SnapshotSource, num: int, seed: int, steps: int, batch: int, guidance: float | None) -> Tensor | None:
+def generate_all(source: ModelSource, num: int, seed: int, steps: int, batch: int, guidance: float | None) -> Tensor | None:
     """Every rank draws indices rank, rank + W, ...; rank 0 gets all `num` images in index order, others None."""
     rank, world = _distributed()
     mine = list(range(rank, num, world))
@@ -181,7 +189,7 @@ def fidelity(images: Tensor, cfg: EvalConfig, weights: str, cache_dir: Path, met
     return {k: float(v) for k, v in values.items()}, record_provenance(cache_dir, name, cfg.reference, cfg.num, extractor, weights, weights_sha)
 
 
-def evaluate(source: SnapshotSource, cfg: EvalConfig, steps: int, guidance: float | None, cache_dir: Path) -> dict | None:
+def evaluate(source: ModelSource, cfg: EvalConfig, steps: int, guidance: float | None, cache_dir: Path) -> dict | None:
     """Generate, measure, and describe the protocol (rank 0; other ranks return None)."""
     weights = extractor_weights(cfg)
     if source.method == "consistency":
@@ -196,7 +204,7 @@ def evaluate(source: SnapshotSource, cfg: EvalConfig, steps: int, guidance: floa
     import torch_fidelity
 
     return {"metrics": values, "protocol": {
-        "source": str(source.path), "source_sha256": sha256_file(source.path), "method": source.method, "num_samples": cfg.num,
+        "source": str(source.path), "source_sha256": sha256_file(source.path) if source.path else None, "method": source.method, "num_samples": cfg.num,
         "seeds": [cfg.seed, cfg.seed + cfg.num - 1], "labels": "sample i has class i mod num_classes" if source.classes else "unconditional",
         "num_classes": source.classes, "steps": steps, "guidance": source.guidance if guidance is None else guidance,
         "decoded_through_vae": bool(source.latent), "feature_extractor": EXTRACTORS[cfg.feature_extractor],
@@ -236,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    source = SnapshotSource(args.snapshot, args.export, device)
+    source = ExportSource(args.export, device) if args.export else ModelSource.from_snapshot(args.snapshot, device)
     result = evaluate(source, cfg, args.steps, args.guidance, args.cache)
     if result is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

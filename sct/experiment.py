@@ -16,6 +16,8 @@ from sct.checkpoint import load_snapshot
 from sct.config import ConfigError, from_dict, to_dict
 from sct.dist import DistConfig
 from sct.ema import EMAConfig
+from sct.eval_training import check_eval
+from sct.evaluate import EvalConfig
 from sct.loop import LoopConfig
 from sct.models.dit import DiTConfig, build_dit
 from sct.models.mlp import MLPConfig, build_mlp
@@ -48,6 +50,7 @@ class TrainConfig:
     ema: EMAConfig = field(default_factory=EMAConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # metrics during training (sct.eval_training)
 
     def check(self) -> None:
         wanted = PARAMETERIZATION_OF[self.objective.name]
@@ -62,6 +65,7 @@ class TrainConfig:
             raise ConfigError("model.backbone.dim", f"data samples are {shape}, the MLP expects ({backbone.dim},)")
         if (self.sampling.method == "ode") != (self.objective.name == "diffusion"):
             raise ConfigError("sampling.method", f"objective '{self.objective.name}' samples with method '{'ode' if self.objective.name == 'diffusion' else 'consistency'}'")
+        check_eval(self.eval, shape)
         if self.sampling.guidance != 1.0 and classes == 0:
             raise ConfigError("sampling.guidance", "classifier-free guidance needs class-conditional data")
 

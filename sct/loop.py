@@ -93,6 +93,8 @@ class Parts:
     config_text: str = ""  # the resolved YAML, stored in each checkpoint
     flops_per_sample: float | None = None  # one training step (forward, JVP, teacher, backward)
     peak_flops: float | None = None  # per device; None: no MFU (CPU)
+    evaluate: Callable[[nn.Module, int], None] | None = None  # EMA model, step -> metrics (sct.eval_training); every rank
+    eval_every: int = 0
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -234,12 +236,15 @@ def run(cfg: LoopConfig, parts: Parts, run_dir: Path, device: torch.device) -> i
             tick_start, tick_step = time.monotonic(), done
         last = done == cfg.total_steps
         snap, grid = done % cfg.snapshot_every == 0 or last, done % cfg.sample_every == 0 or last
-        if snap or grid:
+        evaluate = parts.evaluate is not None and (done % parts.eval_every == 0 or last)
+        if snap or grid or evaluate:
             model = _ema_model(parts.ema)
             if snap:
                 _snapshot(run_dir, done, parts, model)
             if grid and parts.dist.rank == 0:
                 parts.write_samples(model, run_dir / "samples" / f"step_{done:09d}")
+            if evaluate:
+                parts.evaluate(model, done)
             del model
         preempted = parts.preempt is not None and parts.preempt.requested_anywhere(device)
         healthy = counters["in_a_row"] == 0  # checkpoint only healthy states

@@ -39,6 +39,7 @@ from sct.experiment import (
     init_from_snapshot,
     snapshot_config,
 )
+from sct.eval_training import build_training_eval
 from sct.images import save_curve
 from sct.optim import build_optimizer, lr_at
 from sct.sample import write_grids
@@ -105,6 +106,7 @@ def _train(cfg: TrainConfig, args, d: dist.Dist) -> int:
         if cfg.model.init_from:
             init_from_snapshot(net, cfg.model.init_from)
         objective = build_objective(cfg).to(device)
+        evaluator = build_training_eval(cfg, snapshot_config(cfg), run_dir, device, d.rank)
     except ConfigError as e:
         print(f"config error: {args.config}: {e}", file=sys.stderr)
         return 2
@@ -142,6 +144,8 @@ def _train(cfg: TrainConfig, args, d: dist.Dist) -> int:
         config_text=to_yaml(cfg),
         flops_per_sample=flops,
         peak_flops=peak_flops(device, cfg.run.precision),
+        evaluate=evaluator,
+        eval_every=cfg.eval.every,
     )
     try:
         reached = loop.run(cfg.run, parts, run_dir, device)
