@@ -20,6 +20,7 @@ not match what the snapshot generates. Tests: tests/unit/test_evaluate.py.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -83,13 +84,23 @@ def extractor_weights(cfg: EvalConfig) -> str:
     return path
 
 
+@functools.lru_cache(maxsize=2)
+def _vae(name: str):
+    from pipelines.encode import load_vae
+
+    return load_vae(name, device="cuda" if torch.cuda.is_available() else "cpu")
+
+
 def decode_samples(x: Tensor, latent: dict | None) -> Tensor:
-    """Model-space samples -> images in [-1, 1]: through the VAE named in the snapshot's latent record, if any."""
+    """Model-space samples -> images in [-1, 1]: through the VAE of the snapshot's latent record
+    ({"vae": hub name or folder, "stats": the shards' mean/std/sigma_data}), if it has one."""
     if not latent:
         return x.clamp(-1, 1)
-    from pipelines.encode import decode, load_vae
+    from pipelines.encode import decode
 
-    return decode(load_vae(latent["vae"]), x, latent["stats"])
+    if not latent.get("vae"):
+        raise UsageError("the snapshot holds latents but records no VAE to decode them")
+    return decode(_vae(latent["vae"]), x, latent["stats"])
 
 
 class ModelSource:

@@ -120,7 +120,7 @@ def load_export(folder: Path, device: str = "cpu"):
 @guarded
 def sample_export_cli(args: argparse.Namespace) -> int:
     """`python -m sct.sample --export DIR`: the snapshot path's seeds, labels and outputs, through the export."""
-    from sct.sample import save_picture
+    from sct.images import save_image_grid, save_scatter
     from sct.samplers import grid_labels
 
     sampler = load_export(args.export, "cuda" if torch.cuda.is_available() else "cpu")
@@ -138,12 +138,15 @@ def sample_export_cli(args: argparse.Namespace) -> int:
     for lo in range(0, args.num, args.batch):
         seeds = range(args.seed + lo, args.seed + min(lo + args.batch, args.num))
         chunk = sampler.sample(seeds, None if classes is None else classes[lo : lo + len(seeds)].tolist(), steps)
-        chunks.append(sampler.decode(chunk) if sampler.spec.get("latent") else chunk.cpu())
-    x = torch.cat(chunks)
+        chunks.append(chunk.cpu())
+    x = torch.cat(chunks)  # model space: latents stay latents in samples.pt
     args.out.mkdir(parents=True, exist_ok=True)
     torch.save({"samples": x, "seeds": list(range(args.seed, args.seed + args.num)), "labels": labels}, args.out / "samples.pt")
     picture = args.out / f"samples_{steps}step.png"
-    save_picture(x, picture, f"{steps}-step")
+    if x.ndim == 4:
+        save_image_grid(sampler.decode(x), picture, nrow=10)
+    else:
+        save_scatter({f"{steps}-step": x}, picture)
     print(f"wrote {args.num} samples to {args.out / 'samples.pt'} and {picture}")
     return 0
 

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from sct.cli_errors import check_steps, guarded, open_snapshot
 from sct.config import from_dict
 from sct.images import save_image_grid, save_scatter
 from sct.samplers import SamplingConfig, generate, grid_labels
@@ -41,9 +42,8 @@ def write_grids(net: nn.Module, stem: Path, cfg: SamplingConfig, shape: tuple, c
     return paths
 
 
-def main(argv=None) -> None:
-    from sct.experiment import load_snapshot_model
-
+@guarded
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--snapshot", type=Path, help="snapshot_*.safetensors written by sct.train")
@@ -61,7 +61,8 @@ def main(argv=None) -> None:
 
         return sample_export_cli(args)
 
-    net, stored = load_snapshot_model(args.snapshot)
+    check_steps(args.steps)
+    net, stored = open_snapshot(args.snapshot)  # a missing or unusable snapshot: exit 2, `error: ...`
     sampling = from_dict(SamplingConfig, stored["sampling"], source=str(args.snapshot))
     if args.guidance is not None:
         sampling.guidance = args.guidance
@@ -83,6 +84,7 @@ def main(argv=None) -> None:
     picture = args.out / f"samples_{args.steps}step.png"
     save_picture(x, picture, f"{args.steps}-step")
     print(f"wrote {args.num} samples to {args.out / 'samples.pt'} and {picture}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -17,9 +17,10 @@ DIT = {"name": "dit", "img_resolution": 16, "img_channels": 1, "label_dim": 10, 
 MLP = {"name": "mlp", "dim": 2, "hidden": 32, "depth": 2}
 
 
-def make_snapshot(path: Path, backbone: dict = UNET, objective: str = "sct", seed: int = 0, **sampling) -> Path:
+def make_snapshot(path: Path, backbone: dict = UNET, objective: str = "sct", seed: int = 0, latent: dict | None = None, **sampling) -> Path:
     """Write a snapshot (as sct.train's snapshot_config lays it out) of a randomly initialised model; every
-    tensor is perturbed, so outputs are not trivial. objective 'diffusion' makes an ODE-sampled teacher."""
+    tensor is perturbed, so outputs are not trivial. objective 'diffusion' makes an ODE-sampled teacher;
+    `latent` is the snapshot's latent record ({"vae": folder, "stats": {mean, std, sigma_data}}, sct.decode)."""
     model = from_dict(ModelConfig, {"backbone": backbone, "precond": {"name": "edm_consistency" if objective == "ict" else "trigflow"}})
     sampling_cfg = from_dict(SamplingConfig, {"method": "ode" if objective == "diffusion" else "consistency", **sampling})
     b = model.backbone
@@ -29,5 +30,6 @@ def make_snapshot(path: Path, backbone: dict = UNET, objective: str = "sct", see
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.2 * torch.randn_like(p))
-    save_snapshot(path, net.state_dict(), {"model": to_dict(model), "sampling": to_dict(sampling_cfg), "shape": shape})
+    stored = {"model": to_dict(model), "sampling": to_dict(sampling_cfg), "shape": shape, **({"latent": latent} if latent else {})}
+    save_snapshot(path, net.state_dict(), stored)
     return path

@@ -117,3 +117,10 @@ def test_clis_fail_clearly(tmp_path, capsys):
     assert "--steps must be between 1 and 2" in capsys.readouterr().err
     assert sample_main(["--export", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
     assert "sampler.py is missing" in capsys.readouterr().err
+    assert sample_main(["--snapshot", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "o")]) == 2
+    assert "snapshot not found" in capsys.readouterr().err
+    assert sample_main(["--snapshot", str(snap), "--steps", "0", "--out", str(tmp_path / "o")]) == 2
+    assert "--steps must be >= 1" in capsys.readouterr().err
+    (tmp_path / "junk.safetensors").write_bytes(b"not a snapshot")
+    assert sample_main(["--snapshot", str(tmp_path / "junk.safetensors"), "--out", str(tmp_path / "o")]) == 2
+    assert "not a usable sct snapshot" in capsys.readouterr().err
