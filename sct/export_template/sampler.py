@@ -421,6 +421,8 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     s = load(Path(__file__).parent)
     classes = [(i // 10) % max(s.classes, 1) for i in range(args.num)]
+    if len(s.shape) != 3:
+        raise SystemExit(f"this export makes {list(s.shape)}-shaped samples, not images: call load(folder).sample(...) from Python")
     x = s.decode(s.sample(range(args.seed, args.seed + args.num), classes, args.steps))
     from PIL import Image
 
