@@ -15,6 +15,7 @@ from torch import nn
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
 import sct.reference
+from pipelines.arrays import FASHION_MNIST_DIR
 from sct.evaluate import main
 from sct.export import export
 from snapshot_factory import UNET, make_snapshot
@@ -47,7 +48,7 @@ def _args(tmp_path, snap, *extra):
 
 
 def _check_fashion_mnist():
-    if not Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz").exists():
+    if not (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists():
         pytest.skip("dataset-fashion-mnist is not installed")
 
 
