@@ -3,7 +3,8 @@
 `UsageError` is bad input from the user (a missing snapshot or weights file, bad steps, a config that
 does not match the snapshot); `guarded(main)` prints it as `error: ...` (a `ConfigError` as
 `config error: ...`) on stderr and returns exit status 2, without a traceback.
-`open_snapshot` loads an inference snapshot and turns every way it can be wrong into a UsageError.
+`open_snapshot` loads an inference snapshot (sct.experiment.load_snapshot_model) and turns every way it can be
+wrong into a UsageError.
 """
 from __future__ import annotations
 
@@ -35,21 +36,17 @@ def guarded(main: Callable[..., int | None]) -> Callable[..., int]:
     return run
 
 
-def open_snapshot(path: str | Path) -> tuple[nn.Module, dict]:
-    """(model in eval mode, stored config) of an sct snapshot, or a UsageError naming the file and the problem."""
+def open_snapshot(path: str | Path, key: str = "--snapshot") -> tuple[nn.Module, dict]:
+    """(model in eval mode, stored config) of an sct snapshot, or a UsageError naming `key`, the file and the problem."""
     from sct.experiment import load_snapshot_model
 
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"snapshot not found: {path}")
     try:
-        return load_snapshot_model(path)
+        net, stored = load_snapshot_model(path, key)
     except ConfigError as e:
-        raise UsageError(f"{path}: its stored model config is invalid: {e}") from None
-    except (ValueError, KeyError) as e:
-        raise UsageError(f"{path}: not a usable sct snapshot: {e}") from None
-    except RuntimeError as e:  # load_state_dict: weights that do not fit the stored model config
-        raise UsageError(f"{path}: weights do not match its model config: {str(e).splitlines()[0]}") from None
+        raise UsageError(str(e)) from None
+    if not isinstance(stored.get("shape"), list) or not isinstance(stored.get("sampling"), dict):
+        raise UsageError(f"{key}: {path}: its stored config has no sample 'shape' or 'sampling' section")
+    return net, stored
 
 
 def check_steps(steps: int, most: int | None = None, what: str = "--steps") -> int:

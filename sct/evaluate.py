@@ -145,7 +145,7 @@ class ExportSource(ModelSource):
         self.method, self.max_steps, self.guidance = "consistency", spec["steps"], spec["guidance"]
 
     def raw(self, seeds: list[int], classes: list[int] | None, steps: int, guidance: float | None) -> Tensor:
-        return self.sampler.sample(seeds, classes, steps)
+        return self.sampler.sample(seeds, classes, steps, guidance)
 
 
 def _distributed() -> tuple[int, int]:

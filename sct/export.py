@@ -125,8 +125,9 @@ def sample_export_cli(args: argparse.Namespace) -> int:
 
     sampler = load_export(args.export, "cuda" if torch.cuda.is_available() else "cpu")
     steps = check_steps(args.steps, sampler.spec["steps"])
-    if args.guidance is not None and args.guidance != sampler.spec["guidance"]:
-        raise UsageError(f"--guidance {args.guidance}: the export samples at its stored guidance {sampler.spec['guidance']}")
+    conditioned = sampler.spec["model"]["backbone"].get("guidance_embedding", False)
+    if args.guidance is not None and args.guidance != sampler.spec["guidance"] and not conditioned:
+        raise UsageError(f"--guidance {args.guidance}: this export has no guidance input (it samples at {sampler.spec['guidance']})")
     labels = grid_labels(args.num, sampler.classes)
     classes = labels.argmax(1) if labels is not None else None
     if args.label is not None and sampler.classes:
@@ -137,7 +138,7 @@ def sample_export_cli(args: argparse.Namespace) -> int:
     chunks = []
     for lo in range(0, args.num, args.batch):
         seeds = range(args.seed + lo, args.seed + min(lo + args.batch, args.num))
-        chunk = sampler.sample(seeds, None if classes is None else classes[lo : lo + len(seeds)].tolist(), steps)
+        chunk = sampler.sample(seeds, None if classes is None else classes[lo : lo + len(seeds)].tolist(), steps, args.guidance)
         chunks.append(chunk.cpu())
     x = torch.cat(chunks)  # model space: latents stay latents in samples.pt
     args.out.mkdir(parents=True, exist_ok=True)

@@ -6,9 +6,13 @@ Owns:
   any were seen, "<name>/nonfinite" (the count of NaN/inf observations, which are left out of the
   mean). `collect(reduce=True)` sums the accumulators over ranks first (all ranks contribute).
 - `timed(name)` / `time_module(module, name)`: wall time of a section, summed into "time/<name>" until `collect_times()`; the
-  device is synchronized around it (CUDA kernels are asynchronous) when `set_sync` gave a function.
+  device is synchronized around it (CUDA kernels are asynchronous) when `set_sync` gave a function, or, after
+  `set_cuda_events(True)`, CUDA events time it on the stream without a host sync (summed at `collect_times()`).
 - `JSONLWriter`: rank-0 metrics sink, one JSON object per line.
-- `setup_logging`: loguru sinks (console on rank 0, WARNING+ elsewhere; run_dir/log.txt on rank 0).
+- `add_sinks` / `publish(record)` / `publish_images(paths, step)` / `close_sinks`: the optional tracking sinks
+  (TensorBoard, W&B: `sct.tracking`) that get each tick's record and the sample grids beside metrics.jsonl.
+- `setup_logging`: loguru sinks (console on rank 0, WARNING+ elsewhere; run_dir/log.txt on rank 0, and
+  ERRORs / `every_rank` lines from the other ranks).
 - `Progress`: step, recent it/s and ETA for the status line.
 
 Tests: `pytest tests/unit/test_stats.py`.
@@ -33,6 +37,7 @@ from loguru import logger
 _collector: dict[str, list] = {}
 _times: dict[str, float] = {}  # section name -> seconds since the last collect_times()
 _sync: Callable[[], None] | None = None
+_events: list | None = None  # set_cuda_events(True): [(name, start event, end event)] not yet summed
 
 
 def set_sync(fn: Callable[[], None] | None) -> None:
@@ -41,8 +46,27 @@ def set_sync(fn: Callable[[], None] | None) -> None:
     _sync = fn
 
 
+def set_cuda_events(on: bool) -> None:
+    """Time sections with CUDA events on the current stream (no synchronization inside the step) instead of wall time."""
+    global _events
+    _events = [] if on else None
+
+
+def _event() -> torch.cuda.Event:
+    e = torch.cuda.Event(enable_timing=True)
+    e.record()
+    return e
+
+
 @contextlib.contextmanager
 def timed(name: str) -> Iterator[None]:
+    if _events is not None:
+        start = _event()
+        try:
+            yield
+        finally:
+            _events.append((name, start, _event()))
+        return
     if _sync is not None:
         _sync()
     start = time.perf_counter()
@@ -59,11 +83,17 @@ def time_module(module: torch.nn.Module, name: str) -> None:
     starts: list[float] = []
 
     def pre(*_):
+        if _events is not None:
+            starts.append(_event())
+            return
         if _sync is not None:
             _sync()
         starts.append(time.perf_counter())
 
     def post(*_):
+        if _events is not None:
+            _events.append((name, starts.pop(), _event()))
+            return
         if _sync is not None:
             _sync()
         _times[name] = _times.get(name, 0.0) + time.perf_counter() - starts.pop()
@@ -74,6 +104,11 @@ def time_module(module: torch.nn.Module, name: str) -> None:
 
 def collect_times() -> dict[str, float]:
     """Seconds per section since the last call (this rank); resets."""
+    if _events:
+        torch.cuda.synchronize()
+        for name, start, end in _events:
+            _times[name] = _times.get(name, 0.0) + start.elapsed_time(end) / 1000  # ms -> s
+        _events.clear()
     out = dict(_times)
     _times.clear()
     return out
@@ -154,14 +189,46 @@ class JSONLWriter:
             f.flush()
 
 
+_sinks: list = []  # tracking sinks of this process (rank 0): scalars(record, step), images(paths, step), close()
+
+
+def add_sinks(sinks) -> None:
+    _sinks.extend(sinks)
+
+
+def publish(record: dict) -> None:
+    """A tick's record (the metrics.jsonl line) to every tracking sink, at record["step"]."""
+    for sink in _sinks:
+        sink.scalars(record, record["step"])
+
+
+def publish_images(paths, step: int) -> None:
+    """Sample grids (PNG files; None or empty: nothing) to every tracking sink."""
+    if paths:
+        for sink in _sinks:
+            sink.images(list(paths), step)
+
+
+def close_sinks() -> None:
+    while _sinks:
+        _sinks.pop().close()
+
+
+def _every_rank(record) -> bool:
+    return record["level"].no >= logger.level("ERROR").no or record["extra"].get("every_rank", False)
+
+
 def setup_logging(run_dir: Path | None, rank: int = 0, level: str = "INFO") -> None:
-    """Replace loguru's sinks: console (rank 0 at `level`, others WARNING+), run_dir/log.txt on rank 0."""
+    """Replace loguru's sinks: console (rank 0 at `level`, others WARNING+), run_dir/log.txt on rank 0; other
+    ranks add to log.txt only ERRORs (fatal reasons) and lines bound with `every_rank=True` (data-worker warnings)."""
     logger.remove()
     fmt = "{time:YYYY-MM-DD HH:mm:ss} | {level: <7} | " + f"rank {rank} | " + "{message}"
     logger.add(sys.stderr, level=level if rank == 0 else "WARNING", format=fmt)
     if run_dir is not None and rank == 0:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         logger.add(Path(run_dir) / "log.txt", level=level, format=fmt)
+    elif run_dir is not None:
+        logger.add(Path(run_dir) / "log.txt", level="WARNING", format=fmt, filter=_every_rank, delay=True)
 
 
 def _format_duration(seconds: float) -> str:

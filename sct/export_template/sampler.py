@@ -75,17 +75,24 @@ def noise_embedding(kind: str, channels: int) -> nn.Module:
 
 
 class ConditioningEmbedding(nn.Module):
-    def __init__(self, kind: str, frequency_dim: int, out_dim: int, label_dim: int):
+    """emb(noise) + label map + (guidance-conditioned students) an embedding of the guidance scale w (1 if not given)."""
+
+    def __init__(self, kind: str, frequency_dim: int, out_dim: int, label_dim: int, guidance: bool = False):
         super().__init__()
         self.label_dim = label_dim
         self.map_noise = noise_embedding(kind, frequency_dim)
         self.map_layer0, self.map_layer1 = WideLinear(frequency_dim, out_dim), WideLinear(out_dim, out_dim)
         self.map_label = WideLinear(label_dim, out_dim, bias=False) if label_dim else None
+        self.map_guidance = nn.Sequential(PositionalEmbedding(frequency_dim), WideLinear(frequency_dim, out_dim), nn.SiLU(),
+                                          WideLinear(out_dim, out_dim)) if guidance else None
 
-    def forward(self, noise: Tensor, labels: Tensor | None) -> Tensor:
+    def forward(self, noise: Tensor, labels: Tensor | None, guidance: Tensor | None = None) -> Tensor:
         emb = self.map_layer1(F.silu(self.map_layer0(self.map_noise(noise.float().reshape(-1)))))
         if self.map_label is not None and labels is not None:
             emb = emb + self.map_label(labels.float() * math.sqrt(self.label_dim))
+        if self.map_guidance is not None:
+            w = torch.ones_like(emb[:, 0]) if guidance is None else guidance.float().reshape(-1).expand(emb.shape[0])
+            emb = emb + self.map_guidance(w)
         return emb
 
 
@@ -160,7 +167,7 @@ class UNet(nn.Module):
         mc, res0 = cfg["model_channels"], cfg["img_resolution"]
         widths = [mc * m for m in cfg["channel_mult"]]
         E, attn_at = 4 * mc, set(cfg["attn_resolutions"])
-        self.map = ConditioningEmbedding(cfg["time_embedding"], mc, E, cfg["label_dim"])
+        self.map = ConditioningEmbedding(cfg["time_embedding"], mc, E, cfg["label_dim"], cfg.get("guidance_embedding", False))
         self.conv_in = nn.Conv2d(cfg["img_channels"], widths[0], 3, padding=1)
         self.enc, skip_ch, ch = nn.ModuleList(), [widths[0]], widths[0]
         for level, width in enumerate(widths):
@@ -182,8 +189,8 @@ class UNet(nn.Module):
         self.out_norm = GroupNorm32(max(1, min(32, mc // 4)), ch)
         self.out_conv = nn.Conv2d(ch, cfg["img_channels"], 3, padding=1)
 
-    def forward(self, x: Tensor, noise: Tensor, labels: Tensor | None) -> Tensor:
-        emb = self.map(noise, labels)
+    def forward(self, x: Tensor, noise: Tensor, labels: Tensor | None, guidance: Tensor | None = None) -> Tensor:
+        emb = self.map(noise, labels, guidance)
         h = self.conv_in(x)
         skips = [h]
         for block in self.enc:
@@ -241,17 +248,17 @@ class DiT(nn.Module):
         super().__init__()
         D, p = cfg["hidden_size"], cfg["patch_size"]
         self.p = p
-        self.map = ConditioningEmbedding(cfg["time_embedding"], cfg["frequency_dim"], D, cfg["label_dim"])
+        self.map = ConditioningEmbedding(cfg["time_embedding"], cfg["frequency_dim"], D, cfg["label_dim"], cfg.get("guidance_embedding", False))
         self.patch = nn.Conv2d(cfg["img_channels"], D, p, stride=p)
         self.register_buffer("pos", sincos_2d(D, cfg["img_resolution"] // p), persistent=False)
         self.blocks = nn.ModuleList([DiTBlock(cfg) for _ in range(cfg["depth"])])
         self.final_ada = WideLinear(D, 2 * D)
         self.out = nn.Linear(D, p * p * cfg["img_channels"])
 
-    def forward(self, x: Tensor, noise: Tensor, labels: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, noise: Tensor, labels: Tensor | None, guidance: Tensor | None = None) -> Tensor:
         B, C, H, W = x.shape
         p, g = self.p, H // self.p
-        emb = self.map(noise, labels)
+        emb = self.map(noise, labels, guidance)
         h = self.patch(x).flatten(2).transpose(1, 2)
         h = h.to(emb.dtype) + self.pos.to(emb.dtype)
         for block in self.blocks:
@@ -309,9 +316,10 @@ class TrigFlow(nn.Module):
         super().__init__()
         self.backbone, self.sigma_data, self.s_max = backbone, p["sigma_data"], p["t_max"]
 
-    def consistency(self, x_t: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
+    def consistency(self, x_t: Tensor, t: Tensor, labels: Tensor | None, guidance: Tensor | None = None) -> Tensor:
         x_t, t = x_t.float(), t.float().expand(x_t.shape[0])
-        F_ = self.backbone(x_t / self.sigma_data, t.expand(x_t.shape[0]), labels).to(x_t.dtype)
+        extra = {} if guidance is None else {"guidance": guidance}
+        F_ = self.backbone(x_t / self.sigma_data, t.expand(x_t.shape[0]), labels, **extra).to(x_t.dtype)
         return _bcast(t.cos(), x_t) * x_t - _bcast(t.sin(), x_t) * self.sigma_data * F_
 
     def prior(self, z: Tensor) -> Tensor:
@@ -370,8 +378,10 @@ class Sampler:
         return F.one_hot(torch.as_tensor(list(classes), dtype=torch.long), self.classes).float().to(self.device)
 
     @torch.no_grad()
-    def sample(self, seeds, classes=None, steps: int | None = None) -> Tensor:
+    def sample(self, seeds, classes=None, steps: int | None = None, guidance: float | None = None) -> Tensor:
+        """`guidance`: the scale input of a guidance-conditioned student (default: sampler.json's)."""
         steps = self.spec["steps"] if steps is None else steps
+        guidance = self.spec["guidance"] if guidance is None else guidance
         mids = self.spec["mids"].get(str(steps))
         if mids is None:
             raise ValueError(f"this export samples with {sorted(self.spec['mids'], key=int)} steps, not {steps}")
@@ -383,9 +393,10 @@ class Sampler:
             per_sample.append([torch.randn(self.shape, generator=gen, dtype=torch.float64) for _ in range(1 + len(mids))])
         noise = [torch.stack([s[k] for s in per_sample]).to(device=self.device, dtype=torch.float32) for k in range(1 + len(mids))]
         s_max = torch.full((len(seeds),), self.net.s_max, device=self.device)
-        x = self.net.consistency(self.net.prior(noise[0]), s_max, labels)
+        extra = {} if guidance == 1.0 else {"guidance": torch.full_like(s_max, guidance)}
+        x = self.net.consistency(self.net.prior(noise[0]), s_max, labels, **extra)
         for s, z in zip(mids, noise[1:]):
-            x = self.net.consistency(self.net.renoise(x, s, z), torch.full_like(s_max, s), labels)
+            x = self.net.consistency(self.net.renoise(x, s, z), torch.full_like(s_max, s), labels, **extra)
         return x
 
     def decode(self, x: Tensor, vae=None) -> Tensor:

@@ -65,11 +65,19 @@ class SCDConfig(SCTConfig):
     p_std: float = 1.6
     teacher: str = ""  # inference snapshot of a TrigFlow diffusion model (objective: diffusion)
     guidance_scale: float = 1.0  # CFG of the teacher: F_u + w (F_c − F_u); 1 = conditional only
+    # > 1: guidance-conditioned student (sCM Table 4, "maximum of CFG scale" 2.0): each sample draws its own
+    # w ~ Uniform[1, guidance_max], the teacher is guided with it and the student takes it as an input
+    guidance_max: float = 1.0
 
     def check(self) -> None:
         super().check()
         if not self.teacher:
             raise ConfigError("teacher", "sCD needs a teacher: the path of a diffusion snapshot (.safetensors)")
+        if self.guidance_max < 1:
+            raise ConfigError("guidance_max", f"must be >= 1 (1 = one fixed guidance_scale), got {self.guidance_max}")
+        if self.guidance_max > 1 and self.guidance_scale != 1:
+            raise ConfigError("guidance_scale", f"must stay 1 when guidance_max > 1 (each sample draws its scale in "
+                                                f"[1, {self.guidance_max}]), got {self.guidance_scale}")
 
 
 def jvp_tangent(fn: Callable, primals: tuple, tangents: tuple) -> tuple[Tensor, Tensor]:
@@ -111,13 +119,14 @@ def finite_difference_tangent(fn: Callable, primals: tuple, tangents: tuple, fd_
 class DataVelocity(nn.Module):
     """sCT: dx_t/dt = cos t z − sin t x0 (MATH §3)."""
 
-    def forward(self, x0: Tensor, z: Tensor, x_t: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
+    def forward(self, x0: Tensor, z: Tensor, x_t: Tensor, t: Tensor, labels: Tensor | None, guidance: Tensor | None = None) -> Tensor:
         return bcast(t.cos(), x0) * z - bcast(t.sin(), x0) * x0
 
 
 class TeacherVelocity(nn.Module):
-    """sCD: dx_t/dt = σd F_teacher(x_t/σd, t), classifier-free guided (MATH §3). The teacher is frozen.
-    Its guidance scale is set by `SCM` from `SCDConfig.guidance_scale`, the one place it is configured."""
+    """sCD: dx_t/dt = σd F_teacher(x_t/σd, t), classifier-free guided (MATH §3) with the fixed scale, or with each
+    sample's own scale `guidance` [B] (guidance-conditioned student). The teacher is frozen. The fixed scale is
+    set by `SCM` from `SCDConfig.guidance_scale`, the one place it is configured."""
 
     def __init__(self, teacher: nn.Module):
         super().__init__()
@@ -125,8 +134,9 @@ class TeacherVelocity(nn.Module):
         self.guidance_scale = 1.0
 
     @torch.no_grad()
-    def forward(self, x0: Tensor, z: Tensor, x_t: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
-        return self.teacher.velocity(x_t, t, labels, self.guidance_scale).to(x_t.dtype)
+    def forward(self, x0: Tensor, z: Tensor, x_t: Tensor, t: Tensor, labels: Tensor | None, guidance: Tensor | None = None) -> Tensor:
+        scale = self.guidance_scale if guidance is None else guidance
+        return self.teacher.velocity(x_t, t, labels, scale).to(x_t.dtype)
 
     def train(self, mode: bool = True):  # the teacher stays in eval mode (no dropout)
         return super().train(False)
@@ -135,28 +145,35 @@ class TeacherVelocity(nn.Module):
 class SCM(nn.Module):
     def __init__(self, cfg: SCTConfig, sigma_data: float, velocity: nn.Module):
         super().__init__()
-        cfg.check()  # also maps a boolean adaptive_weighting of a config built in code
         self.cfg, self.sigma_data, self.velocity = cfg, sigma_data, velocity
+        self.weighting = {True: "paper", False: "off"}.get(cfg.adaptive_weighting, cfg.adaptive_weighting)  # a bool: older configs
         if isinstance(velocity, TeacherVelocity):
             velocity.guidance_scale = getattr(cfg, "guidance_scale", 1.0)
         self.tangent = jvp_tangent if cfg.tangent == "jvp" else functools.partial(finite_difference_tangent, fd_step=cfg.fd_step)
-        self.logvar = LogVarianceHead(cfg.adaptive_hidden) if cfg.adaptive_weighting != "off" else None
+        if self.weighting not in ("paper", "decoupled", "off"):
+            raise ValueError(f"adaptive_weighting must be paper, decoupled or off, got {cfg.adaptive_weighting!r}")
+        self.logvar = LogVarianceHead(cfg.adaptive_hidden) if self.weighting != "off" else None
 
     def forward(self, net: nn.Module, batch: dict, step: int) -> Tensor:
         x0 = hi(batch["x"])
         t = sample_trigflow_t(x0.shape[0], self.cfg.p_mean, self.cfg.p_std, self.sigma_data, x0.device)
         z = self.sigma_data * torch.randn_like(x0)  # z ~ N(0, σd² I)
-        return self.loss(net, x0, batch.get("labels"), t.to(x0.dtype), z, step)
+        w = None
+        if getattr(self.cfg, "guidance_max", 1.0) > 1:  # guidance-conditioned student: w ~ Uniform[1, guidance_max] per sample
+            w = 1 + (self.cfg.guidance_max - 1) * torch.rand(x0.shape[0], device=x0.device, dtype=x0.dtype)
+        return self.loss(net, x0, batch.get("labels"), t.to(x0.dtype), z, step, w)
 
-    def loss(self, net: nn.Module, x0: Tensor, labels: Tensor | None, t: Tensor, z: Tensor, step: int) -> Tensor:
-        """Per-sample sCM loss for given x0, t, z (all randomness explicit; used by tests)."""
+    def loss(self, net: nn.Module, x0: Tensor, labels: Tensor | None, t: Tensor, z: Tensor, step: int,
+             guidance: Tensor | None = None) -> Tensor:
+        """Per-sample sCM loss for given x0, t, z and guidance scales (all randomness explicit; used by tests).
+        `guidance` [B]: each sample's CFG scale, for the teacher and as the student's input (a JVP constant)."""
         sd = self.sigma_data
         cos, sin = bcast(t.cos(), x0), bcast(t.sin(), x0)
         x_t = cos * x0 + sin * z  # MATH §2
-        dxdt = self.velocity(x0, z, x_t, t, labels)
+        dxdt = self.velocity(x0, z, x_t, t, labels, guidance)
         with replay_randomness(x0.device):  # the JVP and the gradient forward share the dropout mask
             F_minus, dF = self.tangent(
-                lambda xs, tt: net.raw(xs, tt, labels),
+                lambda xs, tt: net.raw(xs, tt, labels, guidance),  # w enters as a constant: zero tangent
                 (x_t / sd, t),
                 (cos * sin * dxdt / sd, t.cos() * t.sin()),  # rearranged tangents, MATH §3
             )
@@ -168,7 +185,7 @@ class SCM(nn.Module):
             if self.cfg.tangent_norm_per_dim:
                 norm = norm / math.sqrt(x0[0].numel())
             g = g / (bcast(norm, g) + self.cfg.tangent_norm_c)  # tangent normalization, MATH §3
-        F = net(x_t, t, labels)
+        F = net(x_t, t, labels, guidance)
         m = per_sample_mean((F - F_minus - g).square())  # (1/D)‖F_θ − F⁻ − g‖²
         return self.weighted(m, t)
 
@@ -178,6 +195,6 @@ class SCM(nn.Module):
         if self.logvar is None:
             return w * m
         u = self.logvar(t if self.cfg.adaptive_input == "t" else torch.log(self.sigma_data * t.tan())).to(m.dtype)
-        if self.cfg.adaptive_weighting == "paper":
+        if self.weighting == "paper":
             return torch.exp(-u) * (w * m) + u  # e^{-u}·w·m + u
         return w * torch.exp(-u).detach() * m + torch.exp(-u) * m.detach() + u  # decoupled: w·sg(e^{-u})·m + e^{-u}·sg(m) + u

@@ -28,9 +28,12 @@ def _in_process(snapshot: Path, steps: int, classes: list[int], seeds=SEEDS) -> 
     return generate(net, cfg, steps, tuple(stored["shape"]), seeds, labels)
 
 
-@pytest.mark.parametrize("backbone,objective", [(UNET, "sct"), (DIT, "scd"), (MLP, "ict")], ids=["unet-trigflow", "dit-trigflow", "mlp-edm"])
-def test_exported_sampler_equals_in_process_sampling_bitwise(tmp_path, backbone, objective):
-    snap = make_snapshot(tmp_path / "s.safetensors", backbone, objective, mids=[1.0] if objective != "ict" else [2.0], steps=[1, 2])
+@pytest.mark.parametrize("backbone,objective,guidance", [
+    (UNET, "sct", 1.0), (DIT, "scd", 1.0), (MLP, "ict", 1.0), ({**UNET, "guidance_embedding": True}, "scd", 2.5),
+], ids=["unet-trigflow", "dit-trigflow", "mlp-edm", "unet-guidance-input"])
+def test_exported_sampler_equals_in_process_sampling_bitwise(tmp_path, backbone, objective, guidance):
+    snap = make_snapshot(tmp_path / "s.safetensors", backbone, objective, mids=[1.0] if objective != "ict" else [2.0], steps=[1, 2],
+                         guidance=guidance)
     out = export(snap, tmp_path / "export", steps=2)
     sampler = load_export(out)
     classes = [i % 10 for i in range(len(SEEDS))]
@@ -101,6 +104,14 @@ def test_sample_cli_from_an_export(tmp_path):
     assert (tmp_path / "a" / "samples_2step.png").is_file()
 
 
+def _status(main, argv) -> int:
+    """Exit status of a CLI main: its return value, or the code of the SystemExit argparse raises (p.error)."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
 def test_clis_fail_clearly(tmp_path, capsys):
     snap = make_snapshot(tmp_path / "s.safetensors", UNET)
     teacher = make_snapshot(tmp_path / "t.safetensors", UNET, "diffusion")
@@ -117,10 +128,10 @@ def test_clis_fail_clearly(tmp_path, capsys):
     assert "--steps must be between 1 and 2" in capsys.readouterr().err
     assert sample_main(["--export", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
     assert "sampler.py is missing" in capsys.readouterr().err
-    assert sample_main(["--snapshot", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "o")]) == 2
+    assert _status(sample_main, ["--snapshot", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "o")]) == 2
     assert "snapshot not found" in capsys.readouterr().err
-    assert sample_main(["--snapshot", str(snap), "--steps", "0", "--out", str(tmp_path / "o")]) == 2
+    assert _status(sample_main, ["--snapshot", str(snap), "--steps", "0", "--out", str(tmp_path / "o")]) == 2
     assert "--steps must be >= 1" in capsys.readouterr().err
     (tmp_path / "junk.safetensors").write_bytes(b"not a snapshot")
-    assert sample_main(["--snapshot", str(tmp_path / "junk.safetensors"), "--out", str(tmp_path / "o")]) == 2
-    assert "not a usable sct snapshot" in capsys.readouterr().err
+    assert _status(sample_main, ["--snapshot", str(tmp_path / "junk.safetensors"), "--out", str(tmp_path / "o")]) == 2
+    assert "is not a readable sct snapshot" in capsys.readouterr().err
