@@ -42,7 +42,7 @@ PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "c
 CLASSES = 3
 # Sizes and counts only: a 2-level U-Net of width 16 on 4x8x8 latents, small batches, short runs, frequent cadences.
 SHRINK = ["model.backbone.img_resolution=8", "model.backbone.model_channels=16", "model.backbone.channel_mult=[1,2]", "model.backbone.num_blocks=1",
-          "model.backbone.attn_resolutions=[4]", "data.shape=[4,8,8]", f"data.num_classes={CLASSES}", "data.num_workers=1",
+          "model.backbone.attn_resolutions=[4]", "data.shape=[4,8,8]", f"data.num_classes={CLASSES}", f"model.backbone.label_dim={CLASSES}", "data.num_workers=1",
           "data.shuffle_buffer=16", "run.batch_size=8", "run.log_every=1", "run.checkpoint_every=2", "run.snapshot_every=4",
           "run.sample_every=4", "sampling.num=4", "dist.zero3_persistence_threshold=0", "optimizer.warmup_steps=0"]
 
