@@ -123,3 +123,15 @@ def test_clear_errors(tmp_path, capsys, domain_classifier):
         assert main([*argv, "--out", str(tmp_path / "x.json")]) == 2, message
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
+
+
+def test_domain_fd_of_a_diffusion_teacher_through_its_ode(tmp_path, domain_classifier):
+    """The reproduction's teacher row: --steps are ODE intervals, --guidance the ODE's CFG scale, both in the protocol."""
+    teacher = make_snapshot(tmp_path / "t.safetensors", UNET, "diffusion")
+    common = ["--snapshot", str(teacher), "--num-samples", "10", "--batch", "10", "--metrics", "fid", "--feature-extractor", "fmnist",
+              "--domain-classifier", str(domain_classifier), "--cache", str(tmp_path / "cache"), "--steps", "3"]
+    assert main([*common, "--out", str(tmp_path / "plain.json")]) == 0
+    assert main([*common, "--guidance", "2.0", "--out", str(tmp_path / "guided.json")]) == 0
+    plain, guided = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("plain", "guided"))
+    assert plain["protocol"]["method"] == "ode" and plain["protocol"]["steps"] == 3 and guided["protocol"]["guidance"] == 2.0
+    assert plain["metrics"]["frechet_inception_distance"] != guided["metrics"]["frechet_inception_distance"]
