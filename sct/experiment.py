@@ -17,6 +17,8 @@ from pipelines.data import ArrayDataConfig, ShardDataConfig, data_shape, num_cla
 from sct.config import ConfigError, from_dict, to_dict
 from sct.dist import DistConfig
 from sct.ema import EMAConfig
+from sct.eval_training import check_eval
+from sct.evaluate import EvalConfig
 from sct.guidance import GUIDANCE_KEYS, check_guidance, check_teacher_guidance
 from sct.loop import LoopConfig
 from sct.models.dit import DiTConfig, build_dit
@@ -57,6 +59,7 @@ class TrainConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # metrics during training (sct.eval_training)
 
     def check(self) -> None:
         wanted = PARAMETERIZATION_OF[self.objective.name]
@@ -71,6 +74,7 @@ class TrainConfig:
             raise ConfigError("model.backbone.dim", f"data samples are {shape}, the MLP expects ({backbone.dim},)")
         if (self.sampling.method == "ode") != (self.objective.name == "diffusion"):
             raise ConfigError("sampling.method", f"objective '{self.objective.name}' samples with method '{'ode' if self.objective.name == 'diffusion' else 'consistency'}'")
+        check_eval(self.eval, shape)
         if self.sampling.guidance != 1.0 and classes == 0:
             raise ConfigError("sampling.guidance", "classifier-free guidance needs class-conditional data")
         check_guidance(self)
@@ -122,7 +126,7 @@ def build_objective(cfg: TrainConfig) -> nn.Module:
         fits = partial(check_teacher, path=obj.teacher, shape=data_shape(cfg.data), classes=num_classes(cfg.data))
         teacher, stored = load_snapshot_model(obj.teacher, "objective.teacher", check=fits)  # a TrigFlow model: checked
         check_teacher_guidance(obj, stored)
-        return SCM(obj, precond.sigma_data, TeacherVelocity(teacher, obj.guidance_scale))
+        return SCM(obj, precond.sigma_data, TeacherVelocity(teacher))  # SCM sets the guidance from obj.guidance_scale
     return SCM(obj, precond.sigma_data, DataVelocity())
 
 

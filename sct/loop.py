@@ -94,6 +94,8 @@ class Parts:
     flops_per_sample: float | None = None  # one training step (forward, JVP, teacher, backward)
     trackers: Callable[[int], list] | None = None  # start step -> tracking sinks (sct.tracking.open_sinks); rank 0
     peak_flops: float | None = None  # per device; None: no MFU (CPU)
+    evaluate: Callable[[nn.Module, int], None] | None = None  # EMA model, step -> metrics (sct.eval_training); every rank
+    eval_every: int = 0
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -269,12 +271,15 @@ def run(cfg: LoopConfig, parts: Parts, run_dir: Path, device: torch.device, resu
             tick_start, tick_step = time.monotonic(), done
         last = done == cfg.total_steps
         snap, grid = done % cfg.snapshot_every == 0 or last, done % cfg.sample_every == 0 or last
-        if snap or grid:
+        evaluate = parts.evaluate is not None and (done % parts.eval_every == 0 or last)
+        if snap or grid or evaluate:
             model = _ema_model(parts.ema)
             if snap:
                 _snapshot(run_dir, done, parts, model)
             if grid and parts.dist.rank == 0:
                 stats.publish_images(parts.write_samples(model, run_dir / "samples" / f"step_{done:09d}"), done)
+            if evaluate:
+                parts.evaluate(model, done)
             del model
         preempted = parts.preempt is not None and parts.preempt.requested_anywhere(device)
         # on the cadence only healthy states; at a stop always (a skipped step changed no weight: resume stays exact)

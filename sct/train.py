@@ -45,6 +45,7 @@ from sct.experiment import (
     init_from_snapshot,
     snapshot_config,
 )
+from sct.eval_training import build_training_eval
 from sct.images import save_curve
 from sct.models import speed
 from sct.optim import build_optimizer, lr_at
@@ -158,6 +159,7 @@ def _train(cfg: TrainConfig, args, d: dist.Dist, preempt: Preemption, on_exit: c
         if cfg.model.init_from:
             init_from_snapshot(net, cfg.model.init_from)
         objective = build_objective(cfg).to(device)
+        evaluator = build_training_eval(cfg, snapshot_config(cfg), run_dir, device, d.rank)
     except ConfigError as e:
         print(f"config error: {args.config}: {e}", file=sys.stderr)
         return 2
@@ -200,6 +202,8 @@ def _train(cfg: TrainConfig, args, d: dist.Dist, preempt: Preemption, on_exit: c
         config_text=to_yaml(cfg),
         flops_per_sample=flops,
         peak_flops=peak_flops(device, cfg.run.precision),
+        evaluate=evaluator,
+        eval_every=cfg.eval.every,
         trackers=partial(open_sinks, cfg.tracking, run_dir, config_text=to_yaml(cfg)) if d.rank == 0 else None,
     )
     preempt.defer()  # from here a signal waits for the next step boundary and its checkpoint

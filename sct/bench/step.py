@@ -115,7 +115,7 @@ def build_objective(cfg: TrainConfig) -> torch.nn.Module:
     if isinstance(obj, DiffusionConfig):
         return TrigFlowDiffusion(obj, sd)
     if isinstance(obj, SCDConfig):
-        return SCM(obj, sd, TeacherVelocity(build_model(cfg.model), obj.guidance_scale))
+        return SCM(obj, sd, TeacherVelocity(build_model(cfg.model)))  # SCM sets the scale from obj.guidance_scale
     return SCM(obj, sd, DataVelocity())
 
 
