@@ -37,6 +37,7 @@ from sct.dist.engine import DeepSpeedEngine, TorchEngine
 from sct.dist.flops import lowest_zero_stage, peak_flops, step_flops_per_sample, zero_model_state_bytes
 from sct.dist.preempt import EXIT_PREEMPTED, Preemption, StartupPreempted
 from sct.ema import EMA
+from sct.eval_training import build_training_eval
 from sct.experiment import (
     TrainConfig,
     build_model,
@@ -45,7 +46,6 @@ from sct.experiment import (
     init_from_snapshot,
     snapshot_config,
 )
-from sct.eval_training import build_training_eval
 from sct.images import save_curve
 from sct.models import speed
 from sct.optim import build_optimizer, lr_at

@@ -3,10 +3,10 @@ Gradients against hand-written closed forms; the decoupled network gradient equa
 the head's input option; the teacher's guidance taken from SCDConfig alone."""
 import pytest
 import torch
+from test_scm import SD, inputs, random_trigflow
 
 from sct.config import ConfigError, from_dict
 from sct.objectives.scm import SCM, DataVelocity, SCDConfig, SCTConfig, TeacherVelocity
-from test_scm import SD, inputs, random_trigflow
 
 
 def _objective(weighting: str, **kw) -> SCM:

@@ -2,9 +2,10 @@
 (with and without guidance) on the same backbone, and refuses a teacher with another backbone."""
 import json
 
+from snapshot_factory import UNET, make_snapshot
+
 from sct.bench.__main__ import main
 from sct.export import export
-from snapshot_factory import UNET, make_snapshot
 
 
 def test_bench_sample_rows_and_ratios(tmp_path, capsys):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from snapshot_factory import UNET, make_snapshot
 from torch import nn
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
@@ -18,7 +19,6 @@ import sct.reference
 from pipelines.arrays import FASHION_MNIST_DIR
 from sct.evaluate import main
 from sct.export import export
-from snapshot_factory import UNET, make_snapshot
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from snapshot_factory import DIT, MLP, UNET, make_snapshot
 
 from sct.config import from_dict
 from sct.experiment import load_snapshot_model
-from sct.export import export, load_export, main as export_main
+from sct.export import export, load_export
+from sct.export import main as export_main
 from sct.sample import main as sample_main
 from sct.samplers import SamplingConfig, generate, seeded_noise
-from snapshot_factory import DIT, MLP, UNET, make_snapshot
 
 SEEDS = range(7, 19)
 
@@ -51,7 +52,7 @@ def test_loader_imports_nothing_from_sct_and_unpickles_nothing(tmp_path):
     out = export(snap, tmp_path / "export", steps=2)
     expected = _in_process(snap, 2, [3] * 4, seeds=[7, 8, 9, 10])
     torch.save(expected, tmp_path / "expected.pt")  # read back by this test, not by the loader
-    script = f"""
+    script = """
 import importlib.abc, pickle, sys
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from snapshot_factory import UNET, make_snapshot
 
 from pipelines.encode import decode, load_vae
 from sct.config import from_dict
@@ -11,7 +12,6 @@ from sct.evaluate import main as evaluate_main
 from sct.experiment import load_snapshot_model
 from sct.export import export, load_export
 from sct.samplers import SamplingConfig, generate
-from snapshot_factory import UNET, make_snapshot
 
 LATENT_UNET = {**UNET, "img_channels": 4, "img_resolution": 8, "attn_resolutions": [4]}
 STATS = {"mean": [0.1, -0.2, 0.0, 0.3], "std": [0.9, 1.1, 0.8, 1.2], "sigma_data": 0.5}
