@@ -156,6 +156,15 @@ def _snapshot(run_dir: Path, step: int, parts: Parts, model: nn.Module) -> Path:
     return path
 
 
+def _draw_samples(parts: Parts, model: nn.Module, stem: Path, step: int) -> None:
+    """Sample grids of the EMA model; any failure is one logged line, never the end of the run."""
+    try:
+        parts.write_samples(model, stem)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        logger.error(f"step {step}: sample grid failed, training continues: {type(e).__name__}: {reason}")
+
+
 def _peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -234,17 +243,16 @@ def run(cfg: LoopConfig, parts: Parts, run_dir: Path, device: torch.device) -> i
             tick_start, tick_step = time.monotonic(), done
         last = done == cfg.total_steps
         snap, grid = done % cfg.snapshot_every == 0 or last, done % cfg.sample_every == 0 or last
-        if snap or grid:
-            model = _ema_model(parts.ema)
-            if snap:
-                _snapshot(run_dir, done, parts, model)
-            if grid and parts.dist.rank == 0:
-                parts.write_samples(model, run_dir / "samples" / f"step_{done:09d}")
-            del model
+        model = _ema_model(parts.ema) if snap or grid else None
+        if snap:
+            _snapshot(run_dir, done, parts, model)
         preempted = parts.preempt is not None and parts.preempt.requested_anywhere(device)
         healthy = counters["in_a_row"] == 0  # checkpoint only healthy states
         if healthy and (done % cfg.checkpoint_every == 0 or done == stop or preempted):
             _checkpoint(run_dir, done, parts, counters, cfg.keep_checkpoints)
+        if grid and parts.dist.rank == 0:  # after the checkpoint: a grid never costs the step it belongs to
+            _draw_samples(parts, model, run_dir / "samples" / f"step_{done:09d}", done)
+        del model
         if preempted:
             raise Preempted(done)
     return stop

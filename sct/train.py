@@ -26,6 +26,7 @@ from torch import nn
 from pipelines.data import build_stream, data_shape, num_classes
 from sct import dist, loop, stats
 from sct.config import ConfigError, parse_cli, save_yaml, to_yaml
+from sct.decode import Pictures
 from sct.dist.ema_sharded import ShardedEMA
 from sct.dist.engine import DeepSpeedEngine, TorchEngine
 from sct.dist.flops import peak_flops, step_flops_per_sample, zero_model_state_bytes
@@ -128,6 +129,7 @@ def _train(cfg: TrainConfig, args, d: dist.Dist) -> int:
     teacher = getattr(getattr(objective, "velocity", None), "teacher", None)
     if teacher is not None:
         stats.time_module(teacher, "teacher")
+    snap_cfg = snapshot_config(cfg, getattr(data, "manifest", None))  # a shard stream carries its manifest
     parts = loop.Parts(
         net=net,
         objective=objective,
@@ -135,8 +137,9 @@ def _train(cfg: TrainConfig, args, d: dist.Dist) -> int:
         ema=ema,
         data=data,
         lr=partial(lr_at, cfg.optimizer, total_steps=cfg.run.total_steps),
-        snapshot_config=snapshot_config(cfg),
-        write_samples=partial(write_grids, cfg=cfg.sampling, shape=data_shape(cfg.data), classes=num_classes(cfg.data), device=device),
+        snapshot_config=snap_cfg,
+        write_samples=partial(write_grids, cfg=cfg.sampling, shape=data_shape(cfg.data), classes=num_classes(cfg.data),
+                              pictures=Pictures(snap_cfg["latent"], device), device=device),
         dist=d,
         preempt=Preemption().install(),
         config_text=to_yaml(cfg),
