@@ -40,7 +40,7 @@ import webdataset as wds
 from loguru import logger
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipelines import s3
+from pipelines import s3, workers
 from pipelines.shards import npy_load, read_manifest
 from sct.config import ConfigError
 
@@ -317,8 +317,9 @@ class ShardStream:
         context = torch.multiprocessing.get_context(self.cfg.worker_start)
         if self.cfg.worker_start == "forkserver":
             context.set_forkserver_preload(["pipelines.stream"])  # imported once in the server, not per worker
+        workers.start_helpers(self.cfg.worker_start)  # preemption signals are the trainer's alone
         loader = DataLoader(ds, batch_size=None, num_workers=self.workers, prefetch_factor=self.cfg.prefetch_factor,
-                            pin_memory=torch.cuda.is_available(), multiprocessing_context=context,
+                            pin_memory=torch.cuda.is_available(), multiprocessing_context=context, worker_init_fn=workers.ignore_signals,
                             generator=torch.Generator().manual_seed(self.cfg.seed))  # not the global RNG: the loop seeds it per step
         return iter(loader)
 
