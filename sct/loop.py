@@ -33,6 +33,7 @@ from sct.checkpoint import (
 from sct.config import ConfigError
 from sct.dist import Dist, all_gather_objects, all_reduce_max, barrier
 from sct.dist.preempt import Preemption
+from sct.images import plot_losses
 
 
 @dataclass
@@ -156,13 +157,13 @@ def _snapshot(run_dir: Path, step: int, parts: Parts, model: nn.Module) -> Path:
     return path
 
 
-def _draw_samples(parts: Parts, model: nn.Module, stem: Path, step: int) -> None:
-    """Sample grids of the EMA model; any failure is one logged line, never the end of the run."""
+def _never_fatal(what: str, fn: Callable, *args) -> None:
+    """Pictures (sample grids, loss.png): any failure is one logged line, never the end of the run."""
     try:
-        parts.write_samples(model, stem)
+        fn(*args)
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        logger.error(f"step {step}: sample grid failed, training continues: {type(e).__name__}: {reason}")
+        logger.error(f"{what}, training continues: {type(e).__name__}: {reason}")
 
 
 def _peak_memory_gib(device: torch.device) -> float:
@@ -203,6 +204,7 @@ def run(cfg: LoopConfig, parts: Parts, run_dir: Path, device: torch.device) -> i
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16", cache_enabled=parts.dist.zero_stage != 3)
     stats.set_sync(torch.cuda.synchronize if device.type == "cuda" else None)
     stats.collect_times()
+    stats.collect()  # drop what was reported before step 0 (the FLOP probe's objective call)
     tick_start, tick_step = time.monotonic(), start
     for step in range(start, stop):
         torch.manual_seed(step_seed(cfg.seed, step, parts.dist.rank))
@@ -217,6 +219,7 @@ def run(cfg: LoopConfig, parts: Parts, run_dir: Path, device: torch.device) -> i
                 parts.engine.backward(loss.mean())
         with stats.timed("optimizer"):
             took = parts.engine.step(parts.lr(step))
+        stats.report("grad_norm", parts.engine.last_grad_norm)  # global, before clipping; non-finite ones are counted
         if took:
             with stats.timed("ema"):
                 parts.ema.update(parts.net, step)
@@ -250,8 +253,10 @@ def run(cfg: LoopConfig, parts: Parts, run_dir: Path, device: torch.device) -> i
         healthy = counters["in_a_row"] == 0  # checkpoint only healthy states
         if healthy and (done % cfg.checkpoint_every == 0 or done == stop or preempted):
             _checkpoint(run_dir, done, parts, counters, cfg.keep_checkpoints)
+            if parts.dist.rank == 0:
+                _never_fatal(f"step {done}: loss.png not written", plot_losses, run_dir)
         if grid and parts.dist.rank == 0:  # after the checkpoint: a grid never costs the step it belongs to
-            _draw_samples(parts, model, run_dir / "samples" / f"step_{done:09d}", done)
+            _never_fatal(f"step {done}: sample grid failed", parts.write_samples, model, run_dir / "samples" / f"step_{done:09d}")
         del model
         if preempted:
             raise Preempted(done)

@@ -11,7 +11,6 @@ Exit status: 0 done, 2 config error, 75 preempted (SIGTERM/SIGUSR1; checkpointed
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from functools import partial
 from pathlib import Path
@@ -40,14 +39,8 @@ from sct.experiment import (
     init_from_snapshot,
     snapshot_config,
 )
-from sct.images import save_curve
 from sct.optim import build_optimizer, lr_at
 from sct.sample import write_grids
-
-
-def plot_losses(run_dir: Path) -> None:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    save_curve({"loss": [r["loss"] for r in records if "loss" in r]}, run_dir / "loss.png", title=f"{run_dir.name}: loss per tick")
 
 
 def _size(n: float) -> str:
@@ -153,8 +146,6 @@ def _train(cfg: TrainConfig, args, d: dist.Dist) -> int:
         return EXIT_PREEMPTED
     finally:
         parts.preempt.uninstall()
-    if d.rank == 0:
-        plot_losses(run_dir)
     logger.info(f"stopped at step {reached}/{cfg.run.total_steps}; outputs in {run_dir}")
     return 0
 
