@@ -31,6 +31,7 @@ from sct.dist.engine import DeepSpeedEngine, TorchEngine
 from sct.dist.flops import peak_flops, step_flops_per_sample, zero_model_state_bytes
 from sct.dist.preempt import EXIT_PREEMPTED, Preemption
 from sct.ema import EMA
+from sct.estimate import activation_line, model_line
 from sct.experiment import (
     TrainConfig,
     build_model,
@@ -51,13 +52,14 @@ def dry_run(cfg: TrainConfig, world: int) -> None:
     print(to_yaml(cfg), end="")
     with torch.device("meta"):
         n = count_parameters(build_model(cfg.model).backbone)
-    print(f"# backbone parameters: {n:,}")
+    print(model_line(cfg.model.backbone, n))
     stage = cfg.dist.zero_stage if cfg.dist.engine == "deepspeed" else 0
     frozen = n if cfg.objective.name == "scd" else 0
     mem = zero_model_state_bytes(n, stage, world, "fp32", n_frozen=frozen, ema_sharded=stage == 3)  # bf16 = autocast: states stay fp32
     parts = ", ".join(f"{k} {_size(v)}" for k, v in mem.items() if k != "total")
     print(f"# model states per GPU, ZeRO-{stage} on {world} ranks (fp32 weights, grads, Adam): {_size(mem['total'])} ({parts})"
-          + ("; sCD teacher taken as the student's size" if frozen else "") + "; activations not included")
+          + ("; sCD teacher taken as the student's size" if frozen else ""))
+    print(activation_line(cfg, max(1, cfg.run.batch_size // (cfg.run.grad_accum * world))))
 
 
 def main(argv: list[str] | None = None) -> int:
