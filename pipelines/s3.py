@@ -2,10 +2,13 @@
 URLs, retries with backoff for transient errors, atomic writes, and a pre-flight check with clear errors.
 
     from pipelines import s3
-    s3.register_gopen()                          # wds.gopen("s3://bucket/x.tar") now reads through fsspec
+    wds.gopen("s3://bucket/x.tar")               # reads through fsspec (registered when this module is imported)
     data = s3.read_bytes(url, budget_s=60, counters=c)   # retried on connection errors / 5xx; c["retries"] += n
     s3.write_bytes(url, data)                    # local: temp file + rename; object stores: one PUT
     s3.preflight(url)                            # StorageError naming the bucket/credentials problem
+    s3.check_writable(url, create=False)         # writers, before any work: probe write (or create the bucket)
+
+Importing this module registers the fsspec opener with webdataset, so every reader of s3:// URLs has it.
 
 Credentials and endpoints come from the usual places (AWS_ACCESS_KEY_ID/SECRET, ~/.aws, AWS_ENDPOINT_URL for
 a non-AWS endpoint such as the loopback moto server in the tests). No subprocess per shard: webdataset's
@@ -16,6 +19,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import fsspec
@@ -164,9 +168,39 @@ def explain(url: str, exc: BaseException) -> str:
     return f"cannot read {url}: {type(exc).__name__}: {exc}"
 
 
+def check_writable(url: str, create: bool = False, budget_s: float = 3.0) -> None:
+    """Before a writer does any work: write and delete a probe object under `url` (with `create`, make the bucket
+    first if it is missing); StorageError with one line naming the bucket/credentials/endpoint problem if not."""
+    if is_local(url):
+        try:
+            Path(fsspec.core.strip_protocol(url)).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StorageError(f"cannot write to {url}: {e}") from None
+        return
+    fs, path = filesystem(url)
+    bucket, probe = path.split("/", 1)[0], path.rstrip("/") + f"/.sct-write-probe-{uuid.uuid4().hex[:8]}"
+    try:
+        if create and not with_retries(lambda: fs.exists(bucket), f"checking bucket {bucket}", budget_s):
+            try:
+                with_retries(lambda: fs.mkdir(bucket), f"creating bucket {bucket}", budget_s)
+                logger.info(f"created bucket '{bucket}'")
+            except Exception:  # another rank may have created it just now: re-raised if not
+                fs.invalidate_cache(bucket)
+                if not fs.exists(bucket):
+                    raise
+        with_retries(lambda: fs.pipe_file(probe, b""), f"writing {url}", budget_s)
+        with_retries(lambda: fs.rm_file(probe), f"deleting {probe}", budget_s)
+    except Exception as e:  # noqa: BLE001 - every failure becomes one clear message
+        hint = " (create it, or pass --create-bucket)" if _error_code(e) == "NoSuchBucket" and not create else ""
+        raise StorageError(explain(url, e) + hint) from None
+
+
 def preflight(url: str, budget_s: float = 3.0) -> bytes:
     """Read `url` once with a short retry budget; raise StorageError with `explain`'s message on failure."""
     try:
         return read_bytes(url, budget_s=budget_s)
     except Exception as e:  # noqa: BLE001 - every failure becomes one clear message
         raise StorageError(explain(url, e)) from e
+
+
+register_gopen()

@@ -5,6 +5,10 @@ fsspec URL (s3://, gs://, file://).
     python -m pipelines.shards arrays --dataset fashion_mnist --out s3://bucket/fmnist --shard-size 5000
     python -m pipelines.shards images --folder /data/imagenet/train --out s3://bucket/in1k-images
     python -m pipelines.shards images --list labels.csv --out /data/shards   # lines: path,label
+    ... --create-bucket        # create a missing bucket instead of failing
+
+Before any work, the writer probes the destination (pipelines.s3.check_writable): a missing bucket, rejected
+credentials or an unreachable endpoint end the CLI with one line on stderr and exit status 2.
 
 A sample is `<key>.x.npy` (arrays, float16/32 as given), `<key>.jpg|png|...` (images, original bytes) or
 `<key>.latent.npy` [+ `<key>.latent_flip.npy`] (pipelines.encode), and `<key>.cls` (the label as text).
@@ -25,9 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from pipelines import s3
+from pipelines.progress import Progress
 
 MANIFEST = "manifest.json"
 FORMAT = "sct-shards/1"
@@ -58,11 +62,16 @@ def tar_bytes(samples: list[tuple[str, dict[str, bytes]]]) -> bytes:
 
 @dataclass
 class ShardWriter:
-    """Buffers samples, uploads each full shard, and writes the manifest on `close()` (so a crash leaves none)."""
+    """Buffers samples, uploads each full shard, and writes the manifest on `close()` (so a crash leaves none).
+    Checks that `url` is writable when made (StorageError). `first_shard`/`first_key`: where this writer's
+    shard numbers and sample keys start (one rank's part of a multi-rank job, pipelines.encode)."""
 
     url: str
     shard_size: int = 1000
     meta: dict = field(default_factory=dict)
+    create_bucket: bool = False
+    first_shard: int = 0
+    first_key: int = 0
     shards: list[dict] = field(default_factory=list)
     _pending: list = field(default_factory=list)
     count: int = 0
@@ -70,9 +79,10 @@ class ShardWriter:
     def __post_init__(self):
         if self.shard_size < 1:
             raise ValueError(f"shard_size must be positive, got {self.shard_size}")
+        s3.check_writable(self.url, self.create_bucket)
 
     def write(self, fields: dict[str, bytes]) -> None:
-        self._pending.append((f"{self.count:09d}", fields))
+        self._pending.append((f"{self.first_key + self.count:09d}", fields))
         self.count += 1
         if len(self._pending) == self.shard_size:
             self._flush()
@@ -81,18 +91,27 @@ class ShardWriter:
         if not self._pending:
             return
         data = tar_bytes(self._pending)
-        name = f"shard-{len(self.shards):06d}.tar"
+        name = f"shard-{self.first_shard + len(self.shards):06d}.tar"
         s3.write_bytes(s3.join(self.url, name), data)
         self.shards.append({"name": name, "samples": len(self._pending), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
         self._pending = []
 
-    def close(self, **extra) -> dict:
+    def finish(self) -> list[dict]:
+        """Upload the last shard; this writer's shard entries (no manifest: a part of a multi-rank job)."""
         self._flush()
-        if not self.shards:
-            raise ValueError(f"no samples written to {self.url}")
-        manifest = {"format": FORMAT, **self.meta, **extra, "total_samples": self.count, "shards": self.shards}
-        s3.write_bytes(s3.join(self.url, MANIFEST), json.dumps(manifest, indent=1).encode())
-        return manifest
+        return self.shards
+
+    def close(self, **extra) -> dict:
+        return write_manifest(self.url, self.meta, self.finish(), **extra)
+
+
+def write_manifest(url: str, meta: dict, shard_entries: list[dict], **extra) -> dict:
+    """The dataset's manifest.json, written last: a reader treats a folder without one as unfinished."""
+    if not shard_entries:
+        raise ValueError(f"no samples written to {url}")
+    manifest = {"format": FORMAT, **meta, **extra, "total_samples": sum(e["samples"] for e in shard_entries), "shards": shard_entries}
+    s3.write_bytes(s3.join(url, MANIFEST), json.dumps(manifest, indent=1).encode())
+    return manifest
 
 
 def read_manifest(url: str, budget_s: float = 3.0) -> dict:
@@ -107,14 +126,18 @@ def read_manifest(url: str, budget_s: float = 3.0) -> dict:
     return manifest
 
 
-def write_arrays(x: np.ndarray, labels: np.ndarray | None, url: str, shard_size: int = 1000, num_classes: int = 0, **meta) -> dict:
+def write_arrays(x: np.ndarray, labels: np.ndarray | None, url: str, shard_size: int = 1000, num_classes: int = 0,
+                 create_bucket: bool = False, **meta) -> dict:
     """x [N, ...] (float), labels [N] integer class ids or None -> shards of `x.npy` (+ `cls`)."""
-    writer = ShardWriter(url, shard_size, {"kind": "arrays", "shape": list(x.shape[1:]), "dtype": str(x.dtype), "num_classes": num_classes, **meta})
-    for i in tqdm(range(len(x)), desc=f"shards -> {url}", unit="sample", mininterval=2, disable=None):
-        fields = {"x.npy": npy_bytes(x[i])}
-        if labels is not None:
-            fields["cls"] = str(int(labels[i])).encode()
-        writer.write(fields)
+    writer = ShardWriter(url, shard_size, {"kind": "arrays", "shape": list(x.shape[1:]), "dtype": str(x.dtype), "num_classes": num_classes, **meta},
+                         create_bucket)
+    with Progress(len(x), f"shards -> {url}", "sample") as bar:
+        for i in range(len(x)):
+            fields = {"x.npy": npy_bytes(x[i])}
+            if labels is not None:
+                fields["cls"] = str(int(labels[i])).encode()
+            writer.write(fields)
+            bar.update()
     return writer.close()
 
 
@@ -142,12 +165,14 @@ def image_list_file(path: Path) -> tuple[list[tuple[Path, int]], list[str]]:
     return items, classes
 
 
-def write_images(items: list[tuple[Path, int]], classes: list[str], url: str, shard_size: int = 1000) -> dict:
+def write_images(items: list[tuple[Path, int]], classes: list[str], url: str, shard_size: int = 1000, create_bucket: bool = False) -> dict:
     """Original image bytes (no re-encoding) with labels -> shards; `pipelines.encode` crops, resizes and encodes."""
-    writer = ShardWriter(url, shard_size, {"kind": "images", "num_classes": len(classes), "classes": classes})
-    for file, label in tqdm(items, desc=f"shards -> {url}", unit="image", mininterval=2, disable=None):
-        ext = file.suffix.lower().lstrip(".").replace("jpeg", "jpg")
-        writer.write({ext: file.read_bytes(), "cls": str(label).encode()})
+    writer = ShardWriter(url, shard_size, {"kind": "images", "num_classes": len(classes), "classes": classes}, create_bucket)
+    with Progress(len(items), f"shards -> {url}", "image") as bar:
+        for file, label in items:
+            ext = file.suffix.lower().lstrip(".").replace("jpeg", "jpg")
+            writer.write({ext: file.read_bytes(), "cls": str(label).encode()})
+            bar.update()
     return writer.close()
 
 
@@ -165,19 +190,28 @@ def main(argv: list[str] | None = None) -> int:
     for p in (arrays, images):
         p.add_argument("--out", required=True, help="local folder or fsspec URL (s3://bucket/prefix)")
         p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+        p.add_argument("--create-bucket", action="store_true", help="create the bucket of --out if it does not exist")
     args = parser.parse_args(argv)
+    try:
+        manifest = _write(args)
+    except s3.StorageError as e:
+        print(f"storage error: {e}", file=sys.stderr)
+        return 2
+    print(f"{manifest['total_samples']} samples in {len(manifest['shards'])} shards at {args.out}")
+    return 0
+
+
+def _write(args: argparse.Namespace) -> dict:
     if args.source == "arrays":
         from pipelines.arrays import ArrayDataConfig, load_arrays, resolve_dataset
 
         cfg = ArrayDataConfig(dataset=args.dataset, class_conditional=not args.unconditional)
         x, onehot = load_arrays(cfg, args.split)
         labels = onehot.argmax(1).numpy() if onehot.shape[1] else None
-        manifest = write_arrays(x.numpy(), labels, args.out, args.shard_size, num_classes=onehot.shape[1], source=resolve_dataset(cfg))
-    else:
-        items, classes = image_folder_list(args.folder) if args.folder else image_list_file(args.list)
-        manifest = write_images(items, classes, args.out, args.shard_size)
-    print(f"{manifest['total_samples']} samples in {len(manifest['shards'])} shards at {args.out}")
-    return 0
+        return write_arrays(x.numpy(), labels, args.out, args.shard_size, num_classes=onehot.shape[1],
+                            create_bucket=args.create_bucket, source=resolve_dataset(cfg))
+    items, classes = image_folder_list(args.folder) if args.folder else image_list_file(args.list)
+    return write_images(items, classes, args.out, args.shard_size, args.create_bucket)
 
 
 if __name__ == "__main__":

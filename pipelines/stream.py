@@ -4,14 +4,17 @@ and DataLoader worker, shuffled through a buffer, infinite epochs, and a small e
     cfg = ShardDataConfig(url="s3://bucket/latents", shape=(4, 64, 64), num_classes=1000, num_workers=2)
     stream = ShardStream(cfg, verified_manifest(cfg), batch_size=32, rank=r, world_size=w)
     batch = next(stream)            # {"x": float [B, ...], "labels": one-hot [B, classes]} (labels if conditional)
-    state = stream.state_dict()     # {"batches": n, "workers": [[epoch, position], ...], "fingerprint": {...}}
+    state = stream.state_dict()     # {"batches": n, "workers": [[epoch, position], ...], "fingerprint": {...}, "resume": ...}
     stream.load_state_dict(state)   # the next batches are exactly those an uninterrupted stream would give
+    stream.load_state_dict({**state, "ranks": [every rank's state]})  # on another world size / num_workers
 
 Order (all pure functions of seed, epoch, slot, so the state is a few integers): the W ranks x K workers are
 W*K reader slots; in each epoch the shards are permuted (seed, epoch) and slot s reads shards s, s+W*K, ...
 so every sample is read once per epoch. Within a slot, samples pass a shuffle buffer whose pick sequence is
 simulated on indices first (`buffer_order`); a slot at (epoch, position) therefore knows which samples it has
-emitted and resumes by fetching only the shards that still hold unemitted samples. Worker k's batches reach
+emitted and resumes by fetching only the shards that still hold unemitted samples. On another layout (world
+size, num_workers, batch size) pipelines.resume_map deals the unread rest of the interrupted epoch(s) to the
+new slots: nothing is read twice or skipped. Worker k's batches reach
 the main process in round-robin order (DataLoader's in-order delivery), and the main process records each
 worker's position with every batch it hands out, so prefetched-but-unused batches never count.
 
@@ -30,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import random
 from dataclasses import dataclass
 from typing import Literal
 
@@ -41,10 +43,11 @@ from loguru import logger
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipelines import s3, workers
+from pipelines.resume_map import ResumeMap, buffer_order, fresh_plan  # noqa: F401 - buffer_order: re-exported
+from pipelines.resume_map import rng as _rng
 from pipelines.shards import npy_load, read_manifest
 from sct.config import ConfigError
 
-s3.register_gopen()
 _MANIFESTS: dict[str, dict] = {}
 SIGMA_DATA = 0.5  # EDM2's latent normalization target
 ENV_PREFIXES = ("AWS_", "GOOGLE_", "AZURE_", "FSSPEC_")
@@ -123,34 +126,6 @@ def normalization(stats: dict) -> tuple[np.ndarray, np.ndarray]:
     return mean[:, None, None], (stats.get("sigma_data", SIGMA_DATA) / std)[:, None, None]
 
 
-def _rng(*parts: int) -> random.Random:
-    return random.Random(int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little"))
-
-
-def slot_shards(num_shards: int, slots: int, slot: int, epoch: int, seed: int, shuffle: bool) -> list[int]:
-    """Shard ids slot `slot` reads in `epoch`: every slots-th of the epoch's shard permutation."""
-    order = list(range(num_shards))
-    if shuffle:
-        _rng(seed, epoch, "shards").shuffle(order)
-    return order[slot::slots]
-
-
-def buffer_order(n: int, size: int, rng: random.Random) -> list[int]:
-    """Output order of a shuffle buffer of `size` fed inputs 0..n-1: full buffer -> emit a uniform pick."""
-    buffer, out = [], []
-    for i in range(n):
-        buffer.append(i)
-        if len(buffer) >= size:
-            j = rng.randrange(len(buffer))
-            buffer[j], buffer[-1] = buffer[-1], buffer[j]
-            out.append(buffer.pop())
-    while buffer:
-        j = rng.randrange(len(buffer))
-        buffer[j], buffer[-1] = buffer[-1], buffer[j]
-        out.append(buffer.pop())
-    return out
-
-
 class BadShard(Exception):
     pass
 
@@ -179,8 +154,8 @@ def fetch_shard(url: str, entry: dict, budget_s: float, counters: dict) -> list[
 class SlotReader:
     """One reader slot's infinite sample sequence, from any (epoch, position) on. Runs inside a worker."""
 
-    def __init__(self, cfg: ShardDataConfig, manifest: dict, slot: int, slots: int):
-        self.cfg, self.manifest, self.slot, self.slots = cfg, manifest, slot, slots
+    def __init__(self, cfg: ShardDataConfig, manifest: dict, slot: int, slots: int, remap: ResumeMap | None = None):
+        self.cfg, self.manifest, self.slot, self.slots, self.remap = cfg, manifest, slot, slots, remap
         self.shards = manifest["shards"]
         self.first_id = np.concatenate([[0], np.cumsum([s["samples"] for s in self.shards])]).tolist()
         self.counters = {"retries": 0, "bad_shards": 0, "skipped_samples": 0}
@@ -188,28 +163,30 @@ class SlotReader:
         if manifest["kind"] == "latents":
             self.bias, self.scale = normalization(manifest["stats"])
 
-    def plan(self, epoch: int) -> tuple[list[int], list[int]]:
-        """(shard ids, output order over the slot's local sample indices) of an epoch."""
-        ids = slot_shards(len(self.shards), self.slots, self.slot, epoch, self.cfg.seed, self.cfg.shuffle_shards)
-        n = sum(self.shards[i]["samples"] for i in ids)
-        return ids, buffer_order(n, self.cfg.shuffle_buffer, _rng(self.cfg.seed, epoch, self.slot, "buffer"))
+    def plan(self, epoch: int) -> tuple[list[int], list[list[int]], list[int]]:
+        """(shard ids, kept sample indices per shard, output order over the kept samples) of an epoch."""
+        if self.remap is not None and self.remap.covers(epoch):  # resumed on another layout (pipelines.resume_map)
+            return self.remap.plan(self.slot, epoch)
+        return fresh_plan([s["samples"] for s in self.shards], self.slots, self.slot, epoch, self.cfg.seed,
+                          self.cfg.shuffle_buffer, self.cfg.shuffle_shards)
 
-    def _read(self, ids: list[int], need: set[int]):
+    def _read(self, ids: list[int], kept: list[list[int]], need: set[int]):
         """(local index, sample) for shards holding a needed index; (start, count, None) for a bad shard."""
         start = 0
-        for sid in ids:
+        for sid, keep in zip(ids, kept):
             entry = self.shards[sid]
-            count = entry["samples"]
-            if any(start + j in need for j in range(count)):
+            local = {j: start + n for n, j in enumerate(keep)}  # sample index in the shard -> local index
+            if any(i in need for i in local.values()):
                 try:
                     samples = fetch_shard(s3.join(self.cfg.url, entry["name"]), entry, self.cfg.retry_seconds, self.counters)
                 except BadShard as e:
-                    self._bad_shard(entry["name"], str(e), count)
-                    yield start, count, None
+                    self._bad_shard(entry["name"], str(e), len(keep))
+                    yield start, len(keep), None
                 else:
                     for j, sample in enumerate(samples):
-                        yield start + j, sample, self.first_id[sid] + j
-            start += count
+                        if j in local:
+                            yield local[j], sample, self.first_id[sid] + j
+            start += len(keep)
 
     def _bad_shard(self, name: str, reason: str, count: int) -> None:
         self.counters["skipped_samples"] += count
@@ -223,10 +200,10 @@ class SlotReader:
     def samples(self, epoch: int, position: int):
         """Yields (epoch, position after this sample, global id, fields) forever."""
         while True:
-            ids, order = self.plan(epoch)
+            ids, kept, order = self.plan(epoch)
             need = set(order[position:])
             held, missing, emitted = {}, set(), 0
-            reader = self._read(ids, need)
+            reader = self._read(ids, kept, need)
             for k in range(position, len(order)):
                 target = order[k]
                 while target not in held and target not in missing:
@@ -239,7 +216,7 @@ class SlotReader:
                     gid, sample = held.pop(target)
                     emitted += 1
                     yield epoch, k + 1, gid, sample
-            if emitted == 0 and position == 0:
+            if emitted == 0 and position == 0 and order:  # a resumed slot may have nothing left of an epoch
                 raise TooManyBadShards(f"reader slot {self.slot}: no readable shard in epoch {epoch}: {self.bad}")
             epoch, position = epoch + 1, 0
 
@@ -256,8 +233,8 @@ class SlotReader:
 class _Slots(IterableDataset):
     """The DataLoader's dataset: physical worker i plays logical worker (i + rotation) % K from its position."""
 
-    def __init__(self, cfg, manifest, batch_size, rank, world_size, workers, positions, rotation, classes, return_ids):
-        self.cfg, self.manifest, self.batch_size, self.rank, self.workers = cfg, manifest, batch_size, rank, workers
+    def __init__(self, cfg, manifest, batch_size, rank, world_size, workers, positions, rotation, classes, return_ids, remap=None):
+        self.cfg, self.manifest, self.batch_size, self.rank, self.workers, self.remap = cfg, manifest, batch_size, rank, workers, remap
         self.slots = world_size * workers
         # a forkserver keeps the environment of its own start: carry this process's storage settings over
         self.env = {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES)}
@@ -269,7 +246,7 @@ class _Slots(IterableDataset):
         os.environ.update(self.env)
         info = get_worker_info()
         logical = ((info.id if info else 0) + self.rotation) % self.workers
-        reader = SlotReader(self.cfg, self.manifest, self.rank * self.workers + logical, self.slots)
+        reader = SlotReader(self.cfg, self.manifest, self.rank * self.workers + logical, self.slots, self.remap)
         samples = reader.samples(*self.positions[logical])
         while True:
             xs, labels, ids, epochs = [], [], [], []
@@ -303,15 +280,20 @@ class ShardStream:
         self.bad: dict[str, str] = {}
         self._per_worker: dict[int, dict] = {}
         self._it = None
+        self.resume: dict | None = None  # the record of a resume on another layout, carried in the state
+        self._remap: ResumeMap | None = None
 
     def fingerprint(self) -> dict:
+        """The layout (ranks, workers, batch size: may change across a resume) and what fixes every epoch's order."""
+        return {"world_size": self.world_size, "workers": self.workers, "batch_size": self.batch_size, **self._order_fingerprint()}
+
+    def _order_fingerprint(self) -> dict:
         shards = hashlib.sha256("".join(s["sha256"] for s in self.manifest["shards"]).encode()).hexdigest()[:16]
-        return {"world_size": self.world_size, "workers": self.workers, "batch_size": self.batch_size, "seed": self.cfg.seed,
-                "shuffle_buffer": self.cfg.shuffle_buffer, "shuffle_shards": self.cfg.shuffle_shards, "shards": shards}
+        return {"seed": self.cfg.seed, "shuffle_buffer": self.cfg.shuffle_buffer, "shuffle_shards": self.cfg.shuffle_shards, "shards": shards}
 
     def _start(self):
         ds = _Slots(self.cfg, self.manifest, self.batch_size, self.rank, self.world_size, self.workers, [list(p) for p in self.positions],
-                    self.batches % self.workers, self.classes, self.return_ids)
+                    self.batches % self.workers, self.classes, self.return_ids, self._remap)
         if self.cfg.num_workers == 0:
             return iter(ds)
         context = torch.multiprocessing.get_context(self.cfg.worker_start)
@@ -351,14 +333,38 @@ class ShardStream:
             raise TooManyBadShards(f"{len(self.bad)} unreadable shards in {self.cfg.url}, more than data.max_bad_shards={self.cfg.max_bad_shards}: {self.bad}")
 
     def state_dict(self) -> dict:
-        return {"batches": self.batches, "workers": [list(p) for p in self.positions], "fingerprint": self.fingerprint()}
+        return {"batches": self.batches, "workers": [list(p) for p in self.positions], "fingerprint": self.fingerprint(), "resume": self.resume}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("fingerprint") != self.fingerprint():
-            raise ValueError(f"the data state was saved by a different stream ({state.get('fingerprint')}); this one is {self.fingerprint()}: "
-                             "exact resume needs the same dataset, seed, batch size, ranks and data.num_workers")
+        """This rank's saved state; on another layout (ranks, workers, batch size) `state["ranks"]` must hold every
+        rank's saved state (sct.loop passes them): the positions are then mapped onto this layout's readers."""
+        saved = state.get("fingerprint") or {}
+        if {k: saved.get(k) for k in self._order_fingerprint()} != self._order_fingerprint():
+            raise ValueError(f"the data state was saved by a different stream ({saved}); this one is {self.fingerprint()}: "
+                             "resuming needs the same dataset, seed, data.shuffle_buffer and data.shuffle_shards")
         self.close()
-        self.batches, self.positions = int(state["batches"]), [list(map(int, p)) for p in state["workers"]]
+        if saved == self.fingerprint():
+            self.batches, self.positions = int(state["batches"]), [list(map(int, p)) for p in state["workers"]]
+            self._set_resume(state.get("resume"))
+            return
+        ranks = state.get("ranks") or ([state] if saved.get("world_size") == 1 else None)
+        if ranks is None or len(ranks) != saved.get("world_size"):
+            raise ValueError(f"the data state was saved by {saved.get('world_size')} ranks x {saved.get('workers')} workers; "
+                             f"resuming on {self.world_size} x {self.workers} needs every rank's saved state (state['ranks'])")
+        positions = [list(map(int, p)) for r in ranks for p in r["workers"]]
+        self.batches, self.positions = 0, [[min(e for e, _ in positions), 0] for _ in range(self.workers)]
+        parent = ranks[0].get("resume")
+        if parent and min(e for e, _ in positions) > max(e for e, _ in parent["positions"]):
+            parent = None  # every reader is past the epochs the earlier map covered
+        self._set_resume({"positions": positions, "parent": parent})
+        logger.info(f"data: resumed {saved['world_size']} ranks x {saved['workers']} workers' positions on {self.world_size} x {self.workers} "
+                    f"readers: {self._remap.summary()}, dealt to the new readers; none read twice, none skipped")
+
+    def _set_resume(self, record: dict | None) -> None:
+        self.resume = record
+        self._remap = None if record is None else ResumeMap(
+            record, [s["samples"] for s in self.manifest["shards"]], self.cfg.seed, self.cfg.shuffle_buffer,
+            self.cfg.shuffle_shards, self.world_size * self.workers)
 
     def close(self) -> None:
         self._it = None  # the DataLoader iterator shuts its workers down when collected

@@ -141,8 +141,8 @@ def _resume(run_dir: Path, parts: Parts) -> tuple[int, dict] | None:
     parts.ema.load_state_dict(state["ema"])
     same = state["world_size"] == d.world_size
     if not same:
-        logger.warning(f"resuming {state['world_size']} ranks' checkpoint on {d.world_size}: every rank takes rank 0's data position")
-    parts.data.load_state_dict(state["data"][d.rank if same else 0])
+        logger.warning(f"resuming {state['world_size']} ranks' checkpoint on {d.world_size}: the data positions are remapped")
+    parts.data.load_state_dict({**state["data"][d.rank if same else 0], "ranks": state["data"]})  # all ranks': for a remap
     if same:
         torch.set_rng_state(state["rng"][d.rank]["torch"])
         random.setstate(state["rng"][d.rank]["python"])

@@ -65,3 +65,17 @@ def s3_server(monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", server.endpoint)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def vae_dir(tmp_path_factory):
+    """A tiny randomly initialized diffusers AutoencoderKL saved to a folder (no VAE weights exist offline)."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4, norm_num_groups=8)
+    path = tmp_path_factory.mktemp("vae")
+    vae.save_pretrained(path)
+    return path

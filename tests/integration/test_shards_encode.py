@@ -1,27 +1,14 @@
-"""Latent encoding with a tiny randomly initialized diffusers AutoencoderKL (no weights exist offline):
+"""Latent encoding with a tiny randomly initialized diffusers AutoencoderKL (`vae_dir`, conftest.py; no weights offline):
 the stored latents are the VAE's posterior means of the center-cropped (and flipped) images, the manifest's
 per-channel statistics are those of the stored values, the stream normalizes with them and `decode` inverts."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
 from pipelines import encode, shards
 from pipelines.stream import ShardDataConfig, ShardStream, fetch_shard
-
-
-@pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4, norm_num_groups=8)
-    path = tmp_path_factory.mktemp("vae")
-    vae.save_pretrained(path)
-    return path
 
 
 def test_center_crop_matches_the_dhariwal_recipe():

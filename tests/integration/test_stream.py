@@ -98,8 +98,33 @@ def test_resume_from_saved_state_gives_the_uninterrupted_sequence(tmp_path, work
     resumed = stream(url, 1, 2, num_workers=workers)
     resumed.load_state_dict(state)
     assert head + ids_of(take(resumed, 17))[0] == whole
-    with pytest.raises(ValueError, match="same dataset, seed, batch size, ranks"):
-        stream(url, 1, 2, batch=4, num_workers=workers).load_state_dict(state)
+    with pytest.raises(ValueError, match="needs the same dataset, seed"):
+        stream(url, 1, 2, seed=1, num_workers=workers).load_state_dict(state)
+    with pytest.raises(ValueError, match="needs every rank's saved state"):
+        stream(url, 1, 2, batch=4, num_workers=workers).load_state_dict(state)  # another layout: all ranks' positions
+
+
+@pytest.mark.parametrize("old, new", [((2, 2), (1, 1)), ((1, 1), (1, 3))])
+def test_resume_on_other_ranks_or_workers_reads_each_sample_of_the_epoch_once(s3_server, old, new):
+    """(ranks, workers) -> (ranks, workers) on S3 through real worker processes: what the old layout handed out
+    before the save plus what the new one hands out after covers epoch 0 exactly once (slots stop mid-shard)."""
+    url = s3_server.bucket_url() + "/data"
+    write_dataset(url)
+    (ranks, workers), (ranks2, workers2) = old, new
+    seen, states = [], []
+    for rank in range(ranks):
+        s = stream(url, rank, ranks, batch=6, num_workers=workers)
+        seen += list(zip(*ids_of(take(s, 9))))  # 54 samples a rank: some shards read part-way
+        states.append(s.state_dict())
+        s.close()
+    for rank in range(ranks2):
+        s = stream(url, rank, ranks2, batch=5, num_workers=workers2)
+        s.load_state_dict({**states[rank if ranks == ranks2 else 0], "ranks": states})
+        assert s.state_dict()["resume"]["positions"] == [p for st in states for p in st["workers"]]
+        seen += list(zip(*ids_of(take(s, (N - 54 * ranks) // (5 * ranks2) + 12))))
+        s.close()
+    epoch0 = sorted(i for i, e in seen if e == 0)
+    assert epoch0 == list(range(N)), f"missing {sorted(set(range(N)) - set(epoch0))}, twice {[i for i in set(epoch0) if epoch0.count(i) > 1]}"
 
 
 def test_s3_restart_mid_stream_loses_and_repeats_nothing(s3_server):
