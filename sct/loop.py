@@ -249,15 +249,17 @@ def run(cfg: LoopConfig, parts: Parts, run_dir: Path, device: torch.device) -> i
         model = _ema_model(parts.ema) if snap or grid else None
         if snap:
             _snapshot(run_dir, done, parts, model)
+        if not grid or parts.dist.rank != 0:
+            model = None  # only rank 0 draws, and only after the checkpoint
         preempted = parts.preempt is not None and parts.preempt.requested_anywhere(device)
         healthy = counters["in_a_row"] == 0  # checkpoint only healthy states
         if healthy and (done % cfg.checkpoint_every == 0 or done == stop or preempted):
             _checkpoint(run_dir, done, parts, counters, cfg.keep_checkpoints)
             if parts.dist.rank == 0:
                 _never_fatal(f"step {done}: loss.png not written", plot_losses, run_dir)
-        if grid and parts.dist.rank == 0:  # after the checkpoint: a grid never costs the step it belongs to
+        if model is not None:  # after the checkpoint: a grid never costs the step it belongs to
             _never_fatal(f"step {done}: sample grid failed", parts.write_samples, model, run_dir / "samples" / f"step_{done:09d}")
-        del model
+            del model
         if preempted:
             raise Preempted(done)
     return stop

@@ -63,10 +63,15 @@ def args_for(url: str, run_dir: Path, *extra: str) -> list[str]:
             "model.backbone.model_channels=8", "model.backbone.channel_mult=[1]", "sampling.num=4", *extra]
 
 
-def test_grids_and_sct_sample_decode_latents_to_rgb(latents, tmp_path):
+def test_grids_and_sct_sample_decode_latents_to_rgb(latents, tmp_path, monkeypatch):
     url, vae = latents
     run_dir = tmp_path / "run"
+    checkpointed_first = []
+    real = train.write_grids
+    monkeypatch.setattr(train, "write_grids", lambda net, stem, **kw: (
+        checkpointed_first.append((run_dir / "checkpoints" / "step_000000002" / "COMPLETE").is_file()), real(net, stem, **kw))[1])
     assert train.main(args_for(url, run_dir)) == 0
+    assert checkpointed_first == [True]  # the step's checkpoint is written before its grid
     for steps in (1, 2):
         grid = Image.open(run_dir / "samples" / f"step_000000002_{steps}step.png")
         assert grid.mode == "RGB" and grid.size == (4 * 64 + 5, 64 + 2)  # 4 decoded 16x16 tiles, upscaled 4x, 1 px separators
