@@ -61,7 +61,7 @@ class Pictures:
                 if _looks_local(name) and not Path(name).expanduser().is_dir():  # not a hub name: no network round trip
                     raise FileNotFoundError("no such folder")
                 self._vae = load_vae(str(Path(name).expanduser()) if _looks_local(name) else name, device=str(self.device))
-            except Exception as e:  # any reason (missing, corrupt, offline hub): previews instead of a crash
+            except Exception as e:  # noqa: BLE001 - any reason (missing, corrupt, offline hub): previews instead of a crash
                 self._warn(f"cannot load the VAE {name!r}: {type(e).__name__}: {_first_line(e)}")
         return self._vae
 

@@ -1,14 +1,15 @@
 """What `python -m sct.train --dry-run` adds beyond the config: the model's name and size, and the activation
-memory of one training step per GPU, measured on a width-reduced copy and scaled.
+memory of one training step per GPU, measured on a reduced copy and scaled.
 
-Method (`activation_bytes`): build a reduced copy of the backbone (`shrink`): k times narrower (U-Net:
+Method (`activation_bytes_per_sample`): build a reduced copy of the backbone (`shrink`): k times narrower (U-Net:
 model_channels / k with k = model_channels / head_channels, so every level keeps its 64-channel heads and has
 k times fewer; DiT: hidden_size / num_heads, one head) and with r times fewer pixels a side (the same levels and
 attention placement at 1/r the resolution); run the run's objective once (forward, JVP tangent, the sCD teacher's
-forward on a second net of the reduced size, loss) and the backward to the input at batch 1, on the CPU under the
-run's precision; take the peak bytes of the tensors it allocates (sct.bench.memory.peak_bytes; parameters and
-their gradients are model states, counted by `zero_model_state_bytes`). The estimate is that peak x k x r² x the
-per-GPU micro-batch.
+forward on a second net of the reduced size, loss) and the backward to the input, on the CPU (one thread) under
+the run's precision, at batch 2 and at batch 1; take the peak bytes of the tensors each allocates
+(sct.bench.memory.peak_bytes; parameters and their gradients are model states, counted by
+`zero_model_state_bytes`). The difference is one sample's activations (what does not grow with the batch, such
+as autocast's bf16 weight copies, cancels); the estimate is that x k x r² x the per-GPU micro-batch.
 Assumptions: every activation tensor has a channel (or head) axis and a token axis, so activation bytes grow
 linearly with width, with tokens and with batch (true with the chunked or Triton JVP attention and flash
 attention, not with the math path's T x T scores); tests/unit/test_estimate.py checks the scaling against

@@ -161,7 +161,7 @@ def _never_fatal(what: str, fn: Callable, *args) -> None:
     """Pictures (sample grids, loss.png): any failure is one logged line, never the end of the run."""
     try:
         fn(*args)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - whatever broke a picture, training goes on
         reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
         logger.error(f"{what}, training continues: {type(e).__name__}: {reason}")
 

@@ -1,10 +1,8 @@
 """The dry-run's activation estimate: measured on a narrower, lower-resolution copy and scaled, it matches a
-direct measurement of the model itself (the linear-growth assumption, checked), and the dry-run names the
-1.5B config."""
+direct measurement of the model itself (the linear-growth assumption, checked). The dry-run's line naming
+the 1.5B config is checked in tests/unit/test_configs.py."""
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
