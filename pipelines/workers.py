@@ -9,7 +9,7 @@ step boundary (sct.dist.preempt), found its workers dead and the relaunched reso
     start_helpers(start_method)                        # the forkserver and the resource tracker ignore them
     DataLoader(..., worker_init_fn=ignore_signals)     # and so does every worker (spawn/fork/forkserver alike)
 
-Tests: tests/integration/test_latent_runs.py::test_sigusr1_with_two_workers_exits_75_without_tracebacks.
+Tests: tests/integration/test_latent_runs.py::test_sigusr1_to_the_group_with_two_workers_exits_75_without_tracebacks.
 """
 from __future__ import annotations
 
