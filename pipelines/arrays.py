@@ -29,8 +29,8 @@ SHAPES = {"fashion_mnist": (1, 16, 16), "digits": (1, 16, 16), "gaussian_mixture
 @dataclass
 class ArrayDataConfig:
     name: Literal["array"] = "array"
-    dataset: Literal["fashion_mnist", "digits", "gaussian_mixture", "auto"] = "auto"  # auto: Fashion-MNIST if installed, else digits
-    root: str = str(FASHION_MNIST_DIR)
+    dataset: Literal["fashion_mnist", "digits", "gaussian_mixture", "auto"] = "auto"  # auto: Fashion-MNIST if installed, else digits (announced)
+    root: str = str(FASHION_MNIST_DIR)  # folder of the four Fashion-MNIST idx .gz files
     class_conditional: bool = True
     seed: int = 0
 
@@ -65,6 +65,9 @@ def _read_idx(path: Path) -> np.ndarray:
 def load_arrays(cfg: ArrayDataConfig, split: str = "train") -> tuple[Tensor, Tensor]:
     """(x, labels one-hot or empty) for the configured dataset."""
     name = resolve_dataset(cfg)
+    if cfg.dataset == "auto" and name == "digits":  # one line on the console and in log.txt: the user asked for the default
+        logger.warning(f"data: no Fashion-MNIST at {cfg.root} (Debian's dataset-fashion-mnist: `apt-get install dataset-fashion-mnist`, "
+                       f"or set data.root); falling back to scikit-learn's 8x8 digits")
     if name == "fashion_mnist":
         prefix = "train" if split == "train" else "t10k"
         images = _read_idx(Path(cfg.root) / f"{prefix}-images-idx3-ubyte.gz")

@@ -7,8 +7,14 @@ URLs, retries with backoff for transient errors, atomic writes, and a pre-flight
     s3.write_bytes(url, data)                    # local: temp file + rename; object stores: one PUT
     s3.preflight(url)                            # StorageError naming the bucket/credentials problem
     s3.check_writable(url, create=False)         # writers, before any work: probe write (or create the bucket)
+    s3.url_problem("pipe:curl x | sh")           # why a URL is refused (None: a local path or a registered scheme)
 
-Importing this module registers the fsspec opener with webdataset, so every reader of s3:// URLs has it.
+Only local paths (plain or file://) and the fsspec schemes in `SCHEMES` are read. Importing this module
+registers the fsspec opener with webdataset, so every reader of s3:// URLs has it, and replaces every other
+handler in webdataset's `gopen` table (`pipe:` runs a shell, `http(s):`, `scp:`, `sftp:`, `ftps:` run curl,
+`gs:` gsutil, `ais:`/`hf:`/`htgs:` other CLIs) by one that refuses, so no URL (a config's `data.url` or a
+manifest's shard name) can start a process. http(s) is refused on purpose: webdataset reads it with curl;
+copy such a dataset to disk or S3 first.
 
 Credentials and endpoints come from the usual places (AWS_ACCESS_KEY_ID/SECRET, ~/.aws, AWS_ENDPOINT_URL for
 a non-AWS endpoint such as the loopback moto server in the tests). No subprocess per shard: webdataset's
@@ -17,6 +23,7 @@ a non-AWS endpoint such as the loopback moto server in the tests). No subprocess
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import time
 import uuid
@@ -37,6 +44,8 @@ _TRANSIENT_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestT
 _CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "ExpiredToken", "InvalidToken", "403"}
 
 _FS_CACHE: dict[tuple, fsspec.AbstractFileSystem] = {}
+SCHEMES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "memory")  # read in-process through fsspec
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
 
 
 class StorageError(RuntimeError):
@@ -111,10 +120,29 @@ def with_retries(fn, what: str, budget_s: float, counters: dict | None = None, f
             delay = min(2 * delay, max_delay_s)
 
 
+def url_problem(url: str) -> str | None:
+    """None for a local path (plain or file://) or a URL of a scheme in `SCHEMES`; else why it is refused."""
+    m = _SCHEME.match(url)
+    if m is None or m.group(1).lower() in ("file", *SCHEMES):
+        return None
+    return (f"scheme '{m.group(1)}:' is not accepted: use a local path or one of "
+            f"{', '.join(s + '://' for s in SCHEMES)} (webdataset would run a shell or curl for it)")
+
+
+def open_url(url: str, mode: str = "rb"):
+    """Open a local path or a `SCHEMES` URL in-process; ValueError for anything else (never a subprocess)."""
+    problem = url_problem(url)
+    if problem is not None:
+        raise ValueError(f"{url}: {problem}")
+    if is_local(url):
+        return open(fsspec.core.strip_protocol(url), mode)
+    return gopen_fsspec(url, mode)
+
+
 def read_bytes(url: str, budget_s: float = 60.0, counters: dict | None = None) -> bytes:
-    """The whole object at `url` (one GET through webdataset's gopen), retried on transient errors."""
+    """The whole object at `url` (one GET, in-process), retried on transient errors."""
     def get() -> bytes:
-        with wds.gopen(url, "rb") as f:
+        with open_url(url, "rb") as f:
             return f.read()
     return with_retries(get, f"reading {url}", budget_s, counters)
 
@@ -143,10 +171,18 @@ def gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
     return fs.open(path, mode)
 
 
-def register_gopen(protocols: tuple[str, ...] = ("s3", "s3a", "gs", "gcs", "az", "abfs", "memory")) -> None:
-    """Make wds.gopen (and wds.WebDataset) read these URL schemes through fsspec instead of CLI subprocesses."""
+def _gopen_refused(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
+    raise ValueError(f"{url}: {url_problem(url) or 'refused'}")
+
+
+def register_gopen(protocols: tuple[str, ...] = SCHEMES) -> None:
+    """Make wds.gopen (and wds.WebDataset) read these URL schemes through fsspec, and refuse every other
+    scheme (pipe:, http(s):, ... would start a shell or a CLI subprocess)."""
+    for p in list(wds.gopen_schemes):
+        wds.gopen_schemes[p] = _gopen_refused
     for p in protocols:
         wds.gopen_schemes[p] = gopen_fsspec
+
 
 
 def explain(url: str, exc: BaseException) -> str:
@@ -203,4 +239,4 @@ def preflight(url: str, budget_s: float = 3.0) -> bytes:
         raise StorageError(explain(url, e)) from e
 
 
-register_gopen()
+register_gopen()  # on import: no process that reads shards through sct keeps webdataset's shell handlers

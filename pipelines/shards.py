@@ -23,6 +23,7 @@ import csv
 import hashlib
 import io
 import json
+import re
 import sys
 import tarfile
 from dataclasses import dataclass, field
@@ -36,6 +37,8 @@ from pipelines.progress import Progress
 MANIFEST = "manifest.json"
 FORMAT = "sct-shards/1"
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+# a shard name is a plain relative path: no scheme, no leading '/', no '..' or hidden part
+_SHARD_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(?:/[A-Za-z0-9_][A-Za-z0-9_.-]*)*$")
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -121,9 +124,78 @@ def read_manifest(url: str, budget_s: float = 3.0) -> dict:
         manifest = json.loads(data)
     except json.JSONDecodeError as e:
         raise ValueError(f"{s3.join(url, MANIFEST)}: not valid JSON ({e})") from None
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{s3.join(url, MANIFEST)}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    where = s3.join(url, MANIFEST)
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ValueError(f"{where}: format {got!r}, expected {FORMAT!r}")
+    check_manifest(manifest, where)
     return manifest
+
+
+def _is_int(v, low: int = 0) -> bool:
+    return type(v) is int and v >= low
+
+
+def check_manifest(manifest: dict, where: str) -> None:
+    """ValueError naming the key (and shard) unless `manifest` has every key a reader needs, well-typed, and
+    its shard names are plain relative paths (a name like '../x' or 'pipe:...' would leave the dataset)."""
+    kind = manifest.get("kind")
+    if kind not in ("arrays", "images", "latents"):
+        raise ValueError(f"{where}: 'kind' must be 'arrays', 'images' or 'latents', got {kind!r}")
+    if not _is_int(manifest.get("num_classes", 0)):
+        raise ValueError(f"{where}: 'num_classes' must be an integer >= 0, got {manifest.get('num_classes')!r}")
+    shape = manifest.get("shape")
+    if kind != "images" and not (isinstance(shape, list) and shape and all(_is_int(d, 1) for d in shape)):
+        raise ValueError(f"{where}: 'shape' must be a list of positive integers for {kind} shards, got {shape!r}")
+    stats = manifest.get("stats")
+    if kind == "latents" and not (isinstance(stats, dict) and all(isinstance(stats.get(k), list) and len(stats[k]) == shape[0] for k in ("mean", "std"))):
+        raise ValueError(f"{where}: latent shards need 'stats' with 'mean' and 'std' lists of {shape[0]} channels, got {stats!r}")
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not shards:
+        raise ValueError(f"{where}: 'shards' must be a non-empty list, got {shards!r}")
+    for i, entry in enumerate(shards):
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not _SHARD_NAME.match(name):
+            raise ValueError(f"{where}: shards[{i}].name must be a plain relative file name (letters, digits, '._-', '/'; "
+                             f"no scheme, no leading '/', no '..'), got {name!r}")
+        for key, low in (("samples", 1), ("bytes", 0)):
+            if not _is_int(entry.get(key), low):
+                raise ValueError(f"{where}: shard {name}: '{key}' must be an integer >= {low}, got {entry.get(key)!r}")
+        if not (isinstance(entry.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", entry["sha256"])):
+            raise ValueError(f"{where}: shard {name}: 'sha256' must be 64 hex digits, got {entry.get('sha256')!r}")
+    total = manifest.get("total_samples")
+    if total != sum(e["samples"] for e in shards):
+        raise ValueError(f"{where}: 'total_samples' is {total!r}, the shards hold {sum(e['samples'] for e in shards)}")
+
+
+def _npy_shape(data: bytes) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) from a .npy header, without reading the array."""
+    f = io.BytesIO(data)
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read(f)
+    return shape, dtype
+
+
+def sample_problem(fields: dict, shape: tuple[int, ...], classes: int) -> str | None:
+    """What is wrong with a decoded sample (naming it), or None: its arrays must have `shape` (float) and,
+    when `classes`, its label must be in [0, classes)."""
+    key = fields.get("__key__", "?")
+    arrays = [k for k in ("x.npy", "latent.npy", "latent_flip.npy") if k in fields]
+    if not arrays or ("latent_flip.npy" in arrays and "latent.npy" not in arrays):
+        return f"sample {key}: no x.npy or latent.npy (fields {sorted(k for k in fields if not k.startswith('__'))})"
+    for name in arrays:
+        try:
+            got, dtype = _npy_shape(fields[name])
+        except (ValueError, OSError) as e:
+            return f"sample {key}: {name} is not a .npy array ({e})"
+        if tuple(got) != tuple(shape) or dtype.kind != "f":
+            return f"sample {key}: {name} is {dtype} {list(got)}, data.shape (and the manifest) say {list(shape)} (float)"
+    if classes:
+        text = fields.get("cls", b"").decode("ascii", "replace").strip()
+        if not (text.isdigit() and int(text) < classes):
+            return f"sample {key}: label {text or 'missing'!r} is not a class id in [0, {classes}) (data.num_classes)"
+    return None
 
 
 def write_arrays(x: np.ndarray, labels: np.ndarray | None, url: str, shard_size: int = 1000, num_classes: int = 0,
@@ -157,8 +229,8 @@ def image_list_file(path: Path) -> tuple[list[tuple[Path, int]], list[str]]:
         for lineno, row in enumerate(csv.reader(f), 1):
             if not row or row[0].startswith("#"):
                 continue
-            if len(row) != 2 or not row[1].strip().lstrip("-").isdigit():
-                raise ValueError(f"{path}:{lineno}: expected 'path,integer_label', got {row}")
+            if len(row) != 2 or not row[1].strip().isdigit():
+                raise ValueError(f"{path}:{lineno}: expected 'path,integer_label' (a class id >= 0), got {row}")
             file = Path(row[0].strip())
             items.append((file if file.is_absolute() else path.parent / file, int(row[1])))
     classes = [str(c) for c in range(max((c for _, c in items), default=-1) + 1)]
@@ -192,11 +264,17 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
         p.add_argument("--create-bucket", action="store_true", help="create the bucket of --out if it does not exist")
     args = parser.parse_args(argv)
+    if args.shard_size < 1:
+        parser.error(f"--shard-size must be >= 1, got {args.shard_size}")
+    if (problem := s3.url_problem(args.out)) is not None:
+        parser.error(f"--out {args.out}: {problem}")
     try:
         manifest = _write(args)
     except s3.StorageError as e:
         print(f"storage error: {e}", file=sys.stderr)
         return 2
+    except (ValueError, OSError) as e:  # a bad --list row, a missing image or folder
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
     print(f"{manifest['total_samples']} samples in {len(manifest['shards'])} shards at {args.out}")
     return 0
 
@@ -210,7 +288,13 @@ def _write(args: argparse.Namespace) -> dict:
         labels = onehot.argmax(1).numpy() if onehot.shape[1] else None
         return write_arrays(x.numpy(), labels, args.out, args.shard_size, num_classes=onehot.shape[1],
                             create_bucket=args.create_bucket, source=resolve_dataset(cfg))
+    source = args.folder or args.list
+    if not source.exists():
+        raise FileNotFoundError(f"{source}: no such {'folder' if args.folder else 'file'}")
     items, classes = image_folder_list(args.folder) if args.folder else image_list_file(args.list)
+    missing = [str(f) for f, _ in items if not f.is_file()]
+    if missing:  # checked before anything is written
+        raise FileNotFoundError(f"{source}: {len(missing)} image(s) not found, e.g. {missing[0]}")
     return write_images(items, classes, args.out, args.shard_size, args.create_bucket)
 
 

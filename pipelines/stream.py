@@ -23,9 +23,11 @@ never touches storage; `verified_manifest` (called by pipelines.data.build_strea
 manifest and checks the declaration, the kind, the credentials and the endpoint, raising ConfigError("data.*").
 
 Faults: shards are read whole (keep them to a few hundred MB: each worker holds one plus the shuffle buffer)
-through webdataset's gopen (fsspec, in-process) with retries and backoff on
-transient errors (counted); a missing, truncated or corrupt shard (size/sha256 differ from the manifest) is
+in-process (local files, or fsspec for s3:// and the other `s3.SCHEMES`) with retries and backoff on
+transient errors (counted); a missing, truncated or corrupt shard (size/sha256 differ from the manifest), or
+one holding a sample whose array is not `data.shape` or whose label is outside [0, num_classes), is
 skipped, logged and counted, and the stream raises once more than `max_bad_shards` distinct shards failed.
+The manifest itself is validated (`pipelines.shards.check_manifest`: keys, types, plain relative shard names).
 Tests: tests/integration/test_stream.py (real moto S3 server on loopback).
 """
 from __future__ import annotations
@@ -45,7 +47,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipelines import s3, workers
 from pipelines.resume_map import ResumeMap, buffer_order, fresh_plan  # noqa: F401 - buffer_order: re-exported
 from pipelines.resume_map import rng as _rng
-from pipelines.shards import npy_load, read_manifest
+from pipelines.shards import npy_load, read_manifest, sample_problem
 from sct.config import ConfigError
 
 _MANIFESTS: dict[str, dict] = {}
@@ -74,6 +76,8 @@ class ShardDataConfig:
     def check(self) -> None:
         if not self.url:
             raise ConfigError("url", "set the folder or URL of a shard dataset (with manifest.json)")
+        if (problem := s3.url_problem(self.url)) is not None:
+            raise ConfigError("url", f"{self.url!r}: {problem}")
         for key in ("num_workers", "max_bad_shards"):
             if getattr(self, key) < 0:
                 raise ConfigError(key, f"must be >= 0, got {getattr(self, key)}")
@@ -134,8 +138,9 @@ class TooManyBadShards(RuntimeError):
     pass
 
 
-def fetch_shard(url: str, entry: dict, budget_s: float, counters: dict) -> list[dict]:
-    """The samples of one shard, verified against the manifest's size and sha256; BadShard if it cannot be used."""
+def fetch_shard(url: str, entry: dict, budget_s: float, counters: dict, check=None) -> list[dict]:
+    """The samples of one shard, verified against the manifest's size and sha256 (and each by `check`, which
+    returns what is wrong with a sample or None); BadShard if it cannot be used."""
     try:
         data = s3.read_bytes(url, budget_s, counters)
     except FileNotFoundError:
@@ -148,6 +153,9 @@ def fetch_shard(url: str, entry: dict, budget_s: float, counters: dict) -> list[
     samples = list(wds.tariterators.group_by_keys(files))
     if len(samples) != entry["samples"]:
         raise BadShard(f"{len(samples)} samples, manifest says {entry['samples']}")
+    for sample in samples if check else ():
+        if (problem := check(sample)) is not None:
+            raise BadShard(problem)
     return samples
 
 
@@ -162,6 +170,9 @@ class SlotReader:
         self.bad: dict[str, str] = {}  # shard name -> reason
         if manifest["kind"] == "latents":
             self.bias, self.scale = normalization(manifest["stats"])
+        # the manifest's shape and classes: verified_manifest has checked them against data.shape/num_classes
+        shape, classes = tuple(manifest["shape"]), int(manifest.get("num_classes", 0)) if cfg.class_conditional else 0
+        self.check = lambda fields: sample_problem(fields, shape, classes)
 
     def plan(self, epoch: int) -> tuple[list[int], list[list[int]], list[int]]:
         """(shard ids, kept sample indices per shard, output order over the kept samples) of an epoch."""
@@ -178,7 +189,8 @@ class SlotReader:
             local = {j: start + n for n, j in enumerate(keep)}  # sample index in the shard -> local index
             if any(i in need for i in local.values()):
                 try:
-                    samples = fetch_shard(s3.join(self.cfg.url, entry["name"]), entry, self.cfg.retry_seconds, self.counters)
+                    samples = fetch_shard(s3.join(self.cfg.url, entry["name"]), entry, self.cfg.retry_seconds, self.counters,
+                                          check=self.check)
                 except BadShard as e:
                     self._bad_shard(entry["name"], str(e), len(keep))
                     yield start, len(keep), None

@@ -8,7 +8,7 @@ dotted key and its source (file or override). Tests: ``pytest tests/unit/test_co
     cfg, args = parse_cli(sys.argv[1:], TrainConfig)  # --config X.yaml [--dry-run] [a.b=1 ...]
     save_yaml(cfg, run_dir / "config.yaml")           # the resolved config; load() reads it back
 
-Field types: dataclasses, bool, int, float (ints accepted), str, Literal[...], X | None, list[X],
+Field types: dataclasses, bool, int, float (ints accepted; NaN and ±inf rejected), str, Literal[...], X | None, list[X],
 tuple[X, ...], tuple[X, Y], dict[str, X], unions. A union of dataclasses is tagged: each member has
 ``name: Literal["..."] = "..."``; a mapping's ``name`` picks the member, and a mapping without it
 updates the field's default. Keys not given keep their defaults.
@@ -24,6 +24,7 @@ import contextlib
 import copy
 import dataclasses
 import difflib
+import math
 import os
 import re
 import tempfile
@@ -73,12 +74,15 @@ _Loader.add_implicit_resolver(
 
 
 def load(cls: type[T], path: str | os.PathLike, overrides: Sequence[str] = ()) -> T:
-    """Read a YAML file (empty means all defaults), apply ``key=value`` overrides, build ``cls``."""
+    """Read a YAML file (UTF-8; empty means every key at its default, which ``cls.check()`` must still
+    accept), apply ``key=value`` overrides, build ``cls``."""
     source = str(path)
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_bytes().decode("utf-8")
     except OSError as e:
         raise ConfigError("", f"cannot read config file ({e.strerror or e})", source) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError("", f"not a UTF-8 text file (byte {e.start}: {e.object[e.start:e.start + 1]!r})", source) from None
     try:
         raw = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as e:
@@ -195,6 +199,8 @@ def _convert(tp: Any, value: Any, key: str, default: Any = _MISSING) -> Any:
             raise ConfigError(_join(key, str(bad)), f"expected a str key, got {_got(bad)}")
         return {k: _convert(args[1], v, _join(key, k)) for k, v in value.items()}
     if tp is float and type(value) in (int, float):
+        if not math.isfinite(value):  # YAML's .nan/.inf would silently switch features off (grad_clip, tangent_norm_c)
+            raise ConfigError(key, f"must be a finite number, got {value}")
         return float(value)
     if tp in (bool, int, float, str):
         if type(value) is tp:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -44,12 +44,30 @@ def power_gamma_from_std(std: float) -> float:
 
 
 @dataclass
+class PostHocConfig:
+    sigma_rels: tuple[float, ...] = ()  # EMA lengths kept during training (EDM2: 0.05, 0.10); empty = off
+    every: int = 0  # steps between stored profiles (EDM2: 8Mi images = 4096 steps of 2048)
+
+    def check(self) -> None:
+        for s in self.sigma_rels:
+            try:
+                power_gamma_from_std(s)
+            except ValueError as e:
+                raise ConfigError("sigma_rels", str(e)) from None
+        if len(set(self.sigma_rels)) != len(self.sigma_rels):
+            raise ConfigError("sigma_rels", f"must be distinct, got {list(self.sigma_rels)}")
+        if self.sigma_rels and self.every < 1:
+            raise ConfigError("every", f"must be >= 1 when sigma_rels are given, got {self.every}")
+
+
+@dataclass
 class EMAConfig:
     name: Literal["ema"] = "ema"
     kind: Literal["constant", "power"] = "constant"
     decay: float = 0.9999  # constant: beta = decay (iCT: 0.99993)
     std: float = 0.05  # power: relative std of the averaging profile (EDM2 sigma_rel)
     start_step: int = 0  # before this step the EMA copies the weights (beta = 0)
+    posthoc: PostHocConfig = field(default_factory=PostHocConfig)  # EDM2 post-hoc EMA profiles (sct.phema)
 
     def check(self) -> None:
         if self.kind not in ("constant", "power"):

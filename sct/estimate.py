@@ -34,8 +34,8 @@ from sct.objectives.scm import SCM, SCDConfig, TeacherVelocity
 # published names of the presets the 512 configs use (Lu & Song 2024, Table 4): ours have ~4% more parameters
 # (adaptive double normalization)
 PUBLISHED = {
-    "edm2-xl": "the sCM paper's XL (1.1B): configs/sCM_xl_512.yaml, configs/sCT_xl_512.yaml",
-    "edm2-xxl": "the sCM paper's XXL, its '1.5B' model: configs/sCM_xxl_512.yaml",
+    "edm2-xl": "the sCM paper's XL (1.1B): configs/sCM_xl_512.yaml, configs/sCT_xl_512.yaml, teacher configs/diffusion_xl_512.yaml",
+    "edm2-xxl": "XXL, the sCM paper's '1.5B' model: configs/sCM_xxl_512.yaml, teacher configs/diffusion_xxl_512.yaml",
 }
 
 

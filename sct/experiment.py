@@ -7,16 +7,17 @@ combinations with the dotted key (rule 6), and turns a config into objects:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from torch import nn
 
 from pipelines.data import ArrayDataConfig, ShardDataConfig, data_shape, num_classes
-from sct.checkpoint import load_snapshot
 from sct.config import ConfigError, from_dict, to_dict
 from sct.decode import latent_entry
 from sct.dist import DistConfig
 from sct.ema import EMAConfig
+from sct.guidance import GUIDANCE_KEYS, check_guidance, check_teacher_guidance
 from sct.loop import LoopConfig
 from sct.models.dit import DiTConfig, build_dit
 from sct.models.mlp import MLPConfig, build_mlp
@@ -27,6 +28,8 @@ from sct.objectives.ict import ICT, ICTConfig
 from sct.objectives.scm import SCM, DataVelocity, SCDConfig, SCTConfig, TeacherVelocity
 from sct.optim import OptimizerConfig
 from sct.samplers import SamplingConfig
+from sct.snapshots import check_teacher, open_snapshot
+from sct.tracking import TrackingConfig
 
 BACKBONES = {"unet": build_unet, "dit": build_dit, "mlp": build_mlp}
 PARAMETERIZATION_OF = {"ict": "edm_consistency", "diffusion": "trigflow", "sct": "trigflow", "scd": "trigflow"}
@@ -49,6 +52,7 @@ class TrainConfig:
     ema: EMAConfig = field(default_factory=EMAConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def check(self) -> None:
         wanted = PARAMETERIZATION_OF[self.objective.name]
@@ -67,6 +71,7 @@ class TrainConfig:
             raise ConfigError("sampling.vae", "only latent shard data (python -m pipelines.encode) is decoded through a VAE")
         if self.sampling.guidance != 1.0 and classes == 0:
             raise ConfigError("sampling.guidance", "classifier-free guidance needs class-conditional data")
+        check_guidance(self)
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
@@ -78,21 +83,31 @@ def build_model(cfg: ModelConfig) -> nn.Module:
 
 
 def init_from_snapshot(net: nn.Module, path: str) -> None:
-    """Load a snapshot's weights into a freshly built model; a missing file or another architecture is a ConfigError."""
-    if not Path(path).is_file():
-        raise ConfigError("model.init_from", f"snapshot not found: {path}")
-    state, _ = load_snapshot(Path(path))
+    """Load a snapshot's weights into a freshly built model; a missing, unreadable file or another architecture is a ConfigError."""
+    state, _ = open_snapshot(path, "model.init_from")
     try:
-        net.load_state_dict(state)
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        missing = [k for k in missing if GUIDANCE_KEYS not in k]  # a guidance-conditioned student from its teacher
+        if missing or unexpected:
+            raise RuntimeError(f"missing keys {missing[:3]}, unexpected keys {unexpected[:3]}")
     except RuntimeError as e:
         raise ConfigError("model.init_from", f"{path} does not fit model.backbone/model.precond: {str(e).splitlines()[0]}") from None
 
 
-def load_snapshot_model(path: str | Path) -> tuple[nn.Module, dict]:
-    """An inference snapshot as (ready-to-sample module in eval mode, stored model/sampling/shape config)."""
-    state, stored = load_snapshot(Path(path))
-    model = build_model(from_dict(ModelConfig, stored["model"], source=str(path)))
-    model.load_state_dict(state)
+def load_snapshot_model(path: str | Path, key: str = "snapshot", check=None) -> tuple[nn.Module, dict]:
+    """An inference snapshot as (ready-to-sample module in eval mode, stored model/sampling/shape config);
+    any problem with the file is a ConfigError naming `key` (the config key or option that named it).
+    `check(stored)` runs before the model is built (and may raise its own ConfigError)."""
+    state, stored = open_snapshot(path, key)
+    if check is not None:
+        check(stored)
+    try:
+        model = build_model(from_dict(ModelConfig, stored["model"], source=str(path)))
+        model.load_state_dict(state)
+    except ConfigError as e:
+        raise ConfigError(key, f"its stored model config is invalid: {e}") from None
+    except RuntimeError as e:
+        raise ConfigError(key, f"{path}: the weights do not fit its stored model config: {str(e).splitlines()[0]}") from None
     return model.eval().requires_grad_(False), stored
 
 
@@ -103,11 +118,9 @@ def build_objective(cfg: TrainConfig) -> nn.Module:
     if isinstance(obj, DiffusionConfig):
         return TrigFlowDiffusion(obj, precond.sigma_data)
     if isinstance(obj, SCDConfig):
-        if not Path(obj.teacher).is_file():
-            raise ConfigError("objective.teacher", f"teacher snapshot not found: {obj.teacher}")
-        teacher, _ = load_snapshot_model(obj.teacher)
-        if not isinstance(teacher, TrigFlow):
-            raise ConfigError("objective.teacher", f"{obj.teacher} is not a TrigFlow model")
+        fits = partial(check_teacher, path=obj.teacher, shape=data_shape(cfg.data), classes=num_classes(cfg.data))
+        teacher, stored = load_snapshot_model(obj.teacher, "objective.teacher", check=fits)  # a TrigFlow model: checked
+        check_teacher_guidance(obj, stored)
         return SCM(obj, precond.sigma_data, TeacherVelocity(teacher, obj.guidance_scale))
     return SCM(obj, precond.sigma_data, DataVelocity())
 
@@ -116,6 +129,7 @@ def snapshot_config(cfg: TrainConfig, manifest: dict | None = None) -> dict:
     """What a snapshot needs besides weights: how to build the model, how to sample it, the sample shape, and
     for latent shards (`manifest`) how to decode samples: the latent statistics and the VAE (sct.decode)."""
     return {"model": to_dict(cfg.model), "sampling": to_dict(cfg.sampling), "shape": list(data_shape(cfg.data)),
+            "objective": to_dict(cfg.objective),  # sct.snapshots.check_teacher (name), sct.guidance (label_dropout)
             "latent": latent_entry(manifest, cfg.sampling.vae)}
 
 

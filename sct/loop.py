@@ -88,11 +88,12 @@ class Parts:
     data: Iterator[dict]
     lr: Callable[[int], float]
     snapshot_config: dict  # model + sampling config stored with each snapshot
-    write_samples: Callable[[nn.Module, Path], None]  # EMA model, output stem -> PNG grids
+    write_samples: Callable[[nn.Module, Path], list[Path] | None]  # EMA model, output stem -> PNG grids written
     dist: Dist = field(default_factory=Dist)
     preempt: Preemption | None = None
     config_text: str = ""  # the resolved YAML, stored in each checkpoint
     flops_per_sample: float | None = None  # one training step (forward, JVP, teacher, backward)
+    trackers: Callable[[int], list] | None = None  # start step -> tracking sinks (sct.tracking.open_sinks); rank 0
     peak_flops: float | None = None  # per device; None: no MFU (CPU)
 
 
@@ -166,6 +167,10 @@ def _never_fatal(what: str, fn: Callable, *args) -> None:
         logger.error(f"{what}, training continues: {type(e).__name__}: {reason}")
 
 
+def _draw_samples(parts: Parts, model: nn.Module, stem: Path, step: int) -> None:
+    stats.publish_images(parts.write_samples(model, stem), step)  # PNG grids, then to the tracking sinks
+
+
 def _peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -197,6 +202,8 @@ def run(cfg: LoopConfig, parts: Parts, run_dir: Path, device: torch.device) -> i
     resumed = _resume(run_dir, parts)
     if resumed is not None:
         start, counters = resumed
+    if parts.trackers is not None:
+        stats.add_sinks(parts.trackers(start))  # TensorBoard / W&B continue the run after step `start`
     stop = cfg.total_steps if not cfg.max_steps_per_job else min(cfg.total_steps, start + cfg.max_steps_per_job)
     metrics = stats.JSONLWriter(run_dir / "metrics.jsonl", parts.dist.rank)
     progress = stats.Progress(cfg.total_steps, start)
@@ -240,6 +247,7 @@ def run(cfg: LoopConfig, parts: Parts, run_dir: Path, device: torch.device) -> i
             record = _tick_record(cfg, parts, done, done - tick_step, time.monotonic() - tick_start, device)
             record["skipped"] = counters["skipped"]
             metrics.write(record)
+            stats.publish(record)
             mfu = f"  MFU {record['mfu']:.1%}" if "mfu" in record else ""
             logger.info(f"{progress.line()}  loss {record.get('loss', float('nan')):.4f}  lr {record['lr']:.2e}  "
                         f"{record['images_per_s']:.1f} img/s{mfu}  skipped {counters['skipped']}")
@@ -258,7 +266,7 @@ def run(cfg: LoopConfig, parts: Parts, run_dir: Path, device: torch.device) -> i
             if parts.dist.rank == 0:
                 _never_fatal(f"step {done}: loss.png not written", plot_losses, run_dir)
         if model is not None:  # after the checkpoint: a grid never costs the step it belongs to
-            _never_fatal(f"step {done}: sample grid failed", parts.write_samples, model, run_dir / "samples" / f"step_{done:09d}")
+            _never_fatal(f"step {done}: sample grid failed", _draw_samples, parts, model, run_dir / "samples" / f"step_{done:09d}", done)
             del model
         if preempted:
             raise Preempted(done)

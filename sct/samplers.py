@@ -24,7 +24,7 @@ class SamplingConfig:
     steps: tuple[int, ...] = (1, 2)  # consistency: one grid per step count; ode: intervals of the solver
     mids: tuple[float, ...] | None = None  # intermediate σ/t of the largest consistency step count
     solver: Literal["euler", "heun"] = "heun"
-    guidance: float = 1.0  # classifier-free guidance scale (ode)
+    guidance: float = 1.0  # classifier-free guidance scale (ode), or the input of a guidance-conditioned student (consistency)
     num: int = 100  # samples per grid; class-conditional grids put one class per row
     seed: int = 0
     vae: str = ""  # latent data: AutoencoderKL (hub name or folder) that decodes samples; "" = the manifest's "vae"
@@ -49,14 +49,17 @@ def seeded_noise(seeds: Sequence[int], shape: Sequence[int], draws: int, device=
 
 @torch.no_grad()
 def consistency_sample(
-    net: nn.Module, seeds: Sequence[int], shape: Sequence[int], labels: Tensor | None = None, mids: Sequence[float] = (), device=None
+    net: nn.Module, seeds: Sequence[int], shape: Sequence[int], labels: Tensor | None = None, mids: Sequence[float] = (), device=None,
+    guidance: float | None = None,
 ) -> Tensor:
-    """Consistency sampling with len(mids) + 1 network evaluations; `mids` are σ (EDM) or t (TrigFlow), decreasing."""
+    """Consistency sampling with len(mids) + 1 network evaluations; `mids` are σ (EDM) or t (TrigFlow), decreasing.
+    `guidance`: the scale a guidance-conditioned TrigFlow student takes as input (None: the net has no such input, or w = 1)."""
     noise = seeded_noise(seeds, shape, 1 + len(mids), device)
     s_max = torch.full((len(seeds),), net.s_max, device=device)
-    x = net.consistency(net.prior(noise[0]), s_max, labels)
+    extra = {} if guidance is None else {"guidance": torch.full_like(s_max, guidance)}
+    x = net.consistency(net.prior(noise[0]), s_max, labels, **extra)
     for s, z in zip(mids, noise[1:]):
-        x = net.consistency(net.renoise(x, s, z), torch.full_like(s_max, s), labels)
+        x = net.consistency(net.renoise(x, s, z), torch.full_like(s_max, s), labels, **extra)
     return x
 
 
@@ -119,4 +122,5 @@ def generate(net: nn.Module, cfg: SamplingConfig, steps: int, shape: Sequence[in
     if cfg.method == "ode":
         return ode_sample(net, seeds, shape, labels, steps=steps, solver=cfg.solver, guidance=cfg.guidance, device=device)
     mids = cfg.mids if cfg.mids is not None and steps == max(cfg.steps) else None
-    return consistency_sample(net, seeds, shape, labels, mids_for_steps(net, steps, mids), device=device)
+    guidance = cfg.guidance if cfg.guidance != 1.0 else None  # a guidance-conditioned student's input
+    return consistency_sample(net, seeds, shape, labels, mids_for_steps(net, steps, mids), device=device, guidance=guidance)

@@ -6,8 +6,11 @@ Owns:
   any were seen, "<name>/nonfinite" (the count of NaN/inf observations, which are left out of the
   mean). `collect(reduce=True)` sums the accumulators over ranks first (all ranks contribute).
 - `timed(name)` / `time_module(module, name)`: wall time of a section, summed into "time/<name>" until `collect_times()`; the
-  device is synchronized around it (CUDA kernels are asynchronous) when `set_sync` gave a function.
+  device is synchronized around it (CUDA kernels are asynchronous) when `set_sync` gave a function, or, after
+  `set_cuda_events(True)`, CUDA events time it on the stream without a host sync (summed at `collect_times()`).
 - `JSONLWriter`: rank-0 metrics sink, one JSON object per line.
+- `add_sinks` / `publish(record)` / `publish_images(paths, step)` / `close_sinks`: the optional tracking sinks
+  (TensorBoard, W&B: `sct.tracking`) that get each tick's record and the sample grids beside metrics.jsonl.
 - `setup_logging`: loguru sinks (console on rank 0, WARNING+ elsewhere; run_dir/log.txt on rank 0).
 - `Progress`: step, recent it/s and ETA for the status line.
 
@@ -33,6 +36,7 @@ from loguru import logger
 _collector: dict[str, list] = {}
 _times: dict[str, float] = {}  # section name -> seconds since the last collect_times()
 _sync: Callable[[], None] | None = None
+_events: list | None = None  # set_cuda_events(True): [(name, start event, end event)] not yet summed
 
 
 def set_sync(fn: Callable[[], None] | None) -> None:
@@ -41,8 +45,27 @@ def set_sync(fn: Callable[[], None] | None) -> None:
     _sync = fn
 
 
+def set_cuda_events(on: bool) -> None:
+    """Time sections with CUDA events on the current stream (no synchronization inside the step) instead of wall time."""
+    global _events
+    _events = [] if on else None
+
+
+def _event() -> torch.cuda.Event:
+    e = torch.cuda.Event(enable_timing=True)
+    e.record()
+    return e
+
+
 @contextlib.contextmanager
 def timed(name: str) -> Iterator[None]:
+    if _events is not None:
+        start = _event()
+        try:
+            yield
+        finally:
+            _events.append((name, start, _event()))
+        return
     if _sync is not None:
         _sync()
     start = time.perf_counter()
@@ -59,11 +82,17 @@ def time_module(module: torch.nn.Module, name: str) -> None:
     starts: list[float] = []
 
     def pre(*_):
+        if _events is not None:
+            starts.append(_event())
+            return
         if _sync is not None:
             _sync()
         starts.append(time.perf_counter())
 
     def post(*_):
+        if _events is not None:
+            _events.append((name, starts.pop(), _event()))
+            return
         if _sync is not None:
             _sync()
         _times[name] = _times.get(name, 0.0) + time.perf_counter() - starts.pop()
@@ -74,6 +103,11 @@ def time_module(module: torch.nn.Module, name: str) -> None:
 
 def collect_times() -> dict[str, float]:
     """Seconds per section since the last call (this rank); resets."""
+    if _events:
+        torch.cuda.synchronize()
+        for name, start, end in _events:
+            _times[name] = _times.get(name, 0.0) + start.elapsed_time(end) / 1000  # ms -> s
+        _events.clear()
     out = dict(_times)
     _times.clear()
     return out
@@ -152,6 +186,31 @@ class JSONLWriter:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
+
+
+_sinks: list = []  # tracking sinks of this process (rank 0): scalars(record, step), images(paths, step), close()
+
+
+def add_sinks(sinks) -> None:
+    _sinks.extend(sinks)
+
+
+def publish(record: dict) -> None:
+    """A tick's record (the metrics.jsonl line) to every tracking sink, at record["step"]."""
+    for sink in _sinks:
+        sink.scalars(record, record["step"])
+
+
+def publish_images(paths, step: int) -> None:
+    """Sample grids (PNG files; None or empty: nothing) to every tracking sink."""
+    if paths:
+        for sink in _sinks:
+            sink.images(list(paths), step)
+
+
+def close_sinks() -> None:
+    while _sinks:
+        _sinks.pop().close()
 
 
 def setup_logging(run_dir: Path | None, rank: int = 0, level: str = "INFO") -> None:

@@ -5,7 +5,9 @@
     deepspeed sct/train.py --config X.yaml                       (DS_ACCELERATOR=cpu on a CPU host)
 
 Builds the pieces a config names and hands them to `sct.loop.run`. The resolved config is saved as
-`<run.dir>/config.yaml`; rerunning the same command resumes from the latest complete checkpoint.
+`<run.dir>/config.yaml`, and the folder created, only after every start-up check has passed (config, device,
+run.dir, storage, init_from, teacher): a rejected start leaves no folder and changes no file in an existing one.
+Rerunning the same command resumes from the latest complete checkpoint.
 Exit status: 0 done, 2 config error, 75 preempted (SIGTERM/SIGUSR1; checkpointed, rerun to resume).
 """
 from __future__ import annotations
@@ -23,7 +25,7 @@ from loguru import logger
 from torch import nn
 
 from pipelines.data import build_stream, data_shape, num_classes
-from sct import dist, loop, stats
+from sct import dist, loop, phema, startup, stats
 from sct.config import ConfigError, parse_cli, save_yaml, to_yaml
 from sct.decode import Pictures
 from sct.dist.ema_sharded import ShardedEMA
@@ -42,6 +44,7 @@ from sct.experiment import (
 )
 from sct.optim import build_optimizer, lr_at
 from sct.sample import write_grids
+from sct.tracking import open_sinks
 
 
 def _size(n: float) -> str:
@@ -60,6 +63,8 @@ def dry_run(cfg: TrainConfig, world: int) -> None:
     print(f"# model states per GPU, ZeRO-{stage} on {world} ranks (fp32 weights, grads, Adam): {_size(mem['total'])} ({parts})"
           + ("; sCD teacher taken as the student's size" if frozen else ""))
     print(activation_line(cfg, max(1, cfg.run.batch_size // (cfg.run.grad_accum * world))))
+    if cfg.ema.posthoc.sigma_rels:  # each profile is one more fp32 EMA, sharded like the EMA under ZeRO-3
+        print(f"# post-hoc EMA: {len(cfg.ema.posthoc.sigma_rels)} profiles, {_size(4 * n / (world if stage == 3 else 1))} per GPU each, {_size(4 * n)} per stored file")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,9 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--world-size", type=int, default=None, help="--dry-run: ranks for the memory estimate (default $WORLD_SIZE or 1)")
     try:
         cfg, args = parse_cli(sys.argv[1:] if argv is None else argv, TrainConfig, parser)
+        if args.world_size is not None and args.world_size < 1:
+            raise ConfigError("--world-size", f"must be >= 1, got {args.world_size}")
         if args.dry_run:
             dry_run(cfg, args.world_size or dist.launcher_world_size())
             return 0
+        startup.check_device(cfg.run.device)
         d = dist.init(cfg.dist, cfg.run.device)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
@@ -83,27 +91,25 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(cfg: TrainConfig, args, d: dist.Dist) -> int:
     run_dir = Path(cfg.run.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    stats.setup_logging(run_dir, d.rank)
-    dist.log_setup(d)
-    if d.rank == 0:
-        save_yaml(cfg, run_dir / "config.yaml")
+    stats.setup_logging(None, d.rank)  # console only: the run folder is touched once every start-up check has passed
     device = d.device
     micro = cfg.run.batch_size // (cfg.run.grad_accum * d.world_size)
-    try:  # storage problems (credentials, bucket, manifest vs config) fail here, before any model is built
-        data = build_stream(cfg.data, micro, rank=d.rank, world_size=d.world_size)
-    except ConfigError as e:
-        print(f"config error: {args.config}: {e}", file=sys.stderr)
-        return 2
-    torch.manual_seed(cfg.run.seed)
-    net = build_model(cfg.model).to(device)
     try:
+        startup.check_run_dir(run_dir)
+        # storage problems (credentials, bucket, manifest vs config) fail here, before any model is built
+        data = build_stream(cfg.data, micro, rank=d.rank, world_size=d.world_size)
+        torch.manual_seed(cfg.run.seed)
+        net = build_model(cfg.model).to(device)
         if cfg.model.init_from:
             init_from_snapshot(net, cfg.model.init_from)
         objective = build_objective(cfg).to(device)
     except ConfigError as e:
         print(f"config error: {args.config}: {e}", file=sys.stderr)
         return 2
+    startup.open_run_dir(run_dir, d.rank)  # accepted: now create the folder, log.txt and config.yaml
+    dist.log_setup(d)
+    if d.rank == 0:
+        save_yaml(cfg, run_dir / "config.yaml")
     logger.info(f"{cfg.objective.name}: backbone {cfg.model.backbone.name} with {count_parameters(net.backbone):,} parameters on {device}")
     probe = {"x": torch.randn(1, *data_shape(cfg.data), device=device)}  # shape-only input for the FLOP count
     if num_classes(cfg.data):
@@ -121,6 +127,7 @@ def _train(cfg: TrainConfig, args, d: dist.Dist) -> int:
         ema = ema or ShardedEMA(net, cfg.ema, make_model=lambda: build_model(cfg.model).to(device))
     else:
         engine, ema = TorchEngine(module, optimizer, cfg.optimizer.grad_clip, cfg.run.grad_accum), EMA(net, cfg.ema)
+    ema = phema.attach(ema, net, cfg.ema.posthoc, run_dir / "phema", snapshot_config(cfg), d.rank, cfg.run.total_steps)
     teacher = getattr(getattr(objective, "velocity", None), "teacher", None)
     if teacher is not None:
         stats.time_module(teacher, "teacher")
@@ -140,6 +147,7 @@ def _train(cfg: TrainConfig, args, d: dist.Dist) -> int:
         config_text=to_yaml(cfg),
         flops_per_sample=flops,
         peak_flops=peak_flops(device, cfg.run.precision),
+        trackers=partial(open_sinks, cfg.tracking, run_dir, config_text=to_yaml(cfg)) if d.rank == 0 else None,
     )
     try:
         reached = loop.run(cfg.run, parts, run_dir, device)
@@ -148,6 +156,7 @@ def _train(cfg: TrainConfig, args, d: dist.Dist) -> int:
         return EXIT_PREEMPTED
     finally:
         parts.preempt.uninstall()
+        stats.close_sinks()
     logger.info(f"stopped at step {reached}/{cfg.run.total_steps}; outputs in {run_dir}")
     return 0
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ("jvp", "dist")
+BENCHMARKS = ("jvp", "dist", "step")
 
 
 def main(argv: list[str]) -> int:

@@ -56,6 +56,7 @@ class DiTConfig:
     time_embedding: Literal["positional", "fourier"] = "positional"  # sCM: positional; iCT: fourier
     fourier_scale: float = 16.0
     frequency_dim: int = 256  # channels of the sinusoidal noise embedding (DiT)
+    guidance_embedding: bool = False  # the guidance scale w is an input (guidance-conditioned sCD student, sCM Table 4)
     jvp_attention: JVPAttention = "auto"
     checkpointing: bool = False
 
@@ -139,7 +140,7 @@ class DiTBlock(nn.Module):
 
 
 class DiT(nn.Module):
-    """F(x [B,C,H,W], noise_labels [B], class_labels [B,label_dim] | None) -> [B,C,H,W]."""
+    """F(x [B,C,H,W], noise_labels [B], class_labels [B,label_dim] | None, guidance [B] | None) -> [B,C,H,W]."""
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()
@@ -147,7 +148,7 @@ class DiT(nn.Module):
         self.cfg = cfg
         D, p = cfg.hidden_size, cfg.patch_size
         self.time_embedding_dim = D
-        self.map = ConditioningEmbedding(cfg.time_embedding, cfg.frequency_dim, D, cfg.label_dim, cfg.fourier_scale)
+        self.map = ConditioningEmbedding(cfg.time_embedding, cfg.frequency_dim, D, cfg.label_dim, cfg.fourier_scale, cfg.guidance_embedding)
         self.patch = nn.Conv2d(cfg.img_channels, D, p, stride=p)
         self.register_buffer("pos", sincos_2d(D, cfg.img_resolution // p), persistent=False)
         self.blocks = nn.ModuleList([DiTBlock(cfg) for _ in range(cfg.depth)])
@@ -157,14 +158,14 @@ class DiT(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def embed(self, noise_labels: Tensor, class_labels: Tensor | None = None) -> Tensor:
+    def embed(self, noise_labels: Tensor, class_labels: Tensor | None = None, guidance: Tensor | None = None) -> Tensor:
         """Conditioning vector [B, hidden_size], always computed in fp32 (fp64 for an fp64 net)."""
-        return self.map(noise_labels, class_labels)
+        return self.map(noise_labels, class_labels, guidance)
 
-    def forward(self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None = None, guidance: Tensor | None = None) -> Tensor:
         B, C, H, W = x.shape
         p, g = self.cfg.patch_size, H // self.cfg.patch_size
-        emb = self.embed(noise_labels, class_labels)
+        emb = self.embed(noise_labels, class_labels, guidance)
         h = self.patch(x).flatten(2).transpose(1, 2)  # [B, L, D] patch tokens, row-major
         h = h.to(emb.dtype) + self.pos.to(emb.dtype)  # fp32 residual stream
         run = block_runner(self.cfg.checkpointing)

@@ -59,20 +59,30 @@ class FourierEmbedding(nn.Module):
 
 
 class ConditioningEmbedding(nn.Module):
-    """Noise level and class label -> conditioning vector [B, out_dim], always in fp32 (fp64 for an fp64 net).
+    """Noise level, class label and (optionally) guidance scale -> conditioning vector [B, out_dim], always in
+    fp32 (fp64 for an fp64 net).
 
     embed(noise) -> Linear-SiLU-Linear, plus a linear map of the one-hot label (scaled by sqrt(label_dim), EDM2);
-    a zero label row (the CFG null label) adds nothing. Shared by the U-Net and the DiT.
+    a zero label row (the CFG null label) adds nothing. With `guidance=True` (the guidance-conditioned sCD
+    student, sCM Table 4) the scale w gets its own positional embedding -> Linear-SiLU-Linear, added; the last
+    layer starts at zero, so a student initialized from its teacher starts as the teacher. No w means w = 1.
+    Shared by the U-Net and the DiT.
     """
 
-    def __init__(self, kind: str, frequency_dim: int, out_dim: int, label_dim: int, fourier_scale: float):
+    def __init__(self, kind: str, frequency_dim: int, out_dim: int, label_dim: int, fourier_scale: float, guidance: bool = False):
         super().__init__()
         self.label_dim = label_dim
         self.map_noise = PositionalEmbedding(frequency_dim) if kind == "positional" else FourierEmbedding(frequency_dim, fourier_scale)
         self.map_layer0, self.map_layer1 = WideLinear(frequency_dim, out_dim), WideLinear(out_dim, out_dim)
         self.map_label = WideLinear(label_dim, out_dim, bias=False) if label_dim else None
+        self.map_guidance = None
+        if guidance:
+            self.map_guidance = nn.Sequential(PositionalEmbedding(frequency_dim), WideLinear(frequency_dim, out_dim), nn.SiLU(),
+                                              WideLinear(out_dim, out_dim))
+            nn.init.zeros_(self.map_guidance[-1].weight)
+            nn.init.zeros_(self.map_guidance[-1].bias)
 
-    def forward(self, noise_labels: Tensor, class_labels: Tensor | None = None) -> Tensor:
+    def forward(self, noise_labels: Tensor, class_labels: Tensor | None = None, guidance: Tensor | None = None) -> Tensor:
         dt = wide_dtype(self.map_layer0.weight)
         with torch.autocast(device_type=noise_labels.device.type, enabled=False):
             emb = self.map_noise(noise_labels.to(dt).reshape(-1))
@@ -81,4 +91,9 @@ class ConditioningEmbedding(nn.Module):
                 emb = emb + self.map_label(class_labels.to(dt) * math.sqrt(self.label_dim))  # zero row adds 0
             elif self.map_label is None and class_labels is not None and class_labels.numel():
                 raise ValueError("class_labels given to an unconditional backbone (label_dim=0)")
+            if self.map_guidance is not None:
+                w = torch.ones_like(emb[:, 0]) if guidance is None else guidance.to(dt).reshape(-1).expand(emb.shape[0])
+                emb = emb + self.map_guidance(w)
+            elif guidance is not None:
+                raise ValueError("a guidance scale given to a backbone without guidance_embedding")
         return emb

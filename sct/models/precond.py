@@ -105,26 +105,29 @@ class TrigFlow(nn.Module):
     def s_max(self) -> float:
         return self.t_max
 
-    def raw(self, x_scaled: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
-        """F_θ(x_t/σd, t): the function whose JVP sCM takes."""
-        return self.backbone(x_scaled, t.expand(x_scaled.shape[0]), labels).to(hi(x_scaled).dtype)
+    def raw(self, x_scaled: Tensor, t: Tensor, labels: Tensor | None = None, guidance: Tensor | None = None) -> Tensor:
+        """F_θ(x_t/σd, t): the function whose JVP sCM takes. `guidance` [B]: the scale input of a
+        guidance-conditioned backbone (a constant of the JVP: its tangent is zero)."""
+        extra = {} if guidance is None else {"guidance": guidance}
+        return self.backbone(x_scaled, t.expand(x_scaled.shape[0]), labels, **extra).to(hi(x_scaled).dtype)
 
-    def forward(self, x_t: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
-        return self.raw(hi(x_t) / self.sigma_data, hi(t), labels)
+    def forward(self, x_t: Tensor, t: Tensor, labels: Tensor | None = None, guidance: Tensor | None = None) -> Tensor:
+        return self.raw(hi(x_t) / self.sigma_data, hi(t), labels, guidance)
 
-    def velocity(self, x_t: Tensor, t: Tensor, labels: Tensor | None = None, guidance: float = 1.0) -> Tensor:
-        """PF-ODE dx_t/dt = σd F (MATH §2), classifier-free guided: F_u + w (F_c − F_u) (MATH §3)."""
+    def velocity(self, x_t: Tensor, t: Tensor, labels: Tensor | None = None, guidance: float | Tensor = 1.0) -> Tensor:
+        """PF-ODE dx_t/dt = σd F (MATH §2), classifier-free guided: F_u + w (F_c − F_u) (MATH §3); w a number or one per sample [B]."""
         F = self(x_t, t, labels)
-        if guidance != 1.0:
+        per_sample = isinstance(guidance, Tensor)
+        if per_sample or guidance != 1.0:
             if labels is None:
                 raise ValueError("classifier-free guidance needs class labels")
             F_u = self(x_t, t, torch.zeros_like(labels))
-            F = F_u + guidance * (F - F_u)
+            F = F_u + (bcast(guidance.to(F.dtype), F) if per_sample else guidance) * (F - F_u)
         return self.sigma_data * F
 
-    def consistency(self, x_t: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
+    def consistency(self, x_t: Tensor, t: Tensor, labels: Tensor | None = None, guidance: Tensor | None = None) -> Tensor:
         x_t, t = hi(x_t), hi(t).expand(x_t.shape[0])
-        F = self(x_t, t, labels)
+        F = self(x_t, t, labels, guidance)
         return bcast(t.cos(), x_t) * x_t - bcast(t.sin(), x_t) * self.sigma_data * F  # MATH §2 f_θ
 
     def denoise(self, x_t: Tensor, t: Tensor, labels: Tensor | None = None, guidance: float = 1.0) -> Tensor:

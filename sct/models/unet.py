@@ -75,9 +75,11 @@ class UNetConfig:
     num_blocks: int = 2  # residual blocks per level in the encoder; the decoder has num_blocks + 1
     attn_resolutions: tuple[int, ...] = (16,)  # the lowest resolution always has attention (middle block)
     dropout: float = 0.0
+    dropout_max_resolution: int = 0  # dropout only in blocks whose output is at most this resolution (sCM Table 4: 16); 0 = every block
     time_embedding: Literal["positional", "fourier"] = "positional"  # sCM: positional; iCT: fourier
     fourier_scale: float = 16.0  # iCT uses 0.02 (MATH.md §1)
     adaptive_double_norm: bool = True  # sCM §4.1; False = plain AdaGN scale/shift
+    guidance_embedding: bool = False  # the guidance scale w is an input (guidance-conditioned sCD student, sCM Table 4)
     head_channels: int = 64  # channels per attention head (EDM2); one head if it does not divide the width
     jvp_attention: JVPAttention = "auto"  # attention kernel under forward_ad_mode() (sct.models.attention)
     checkpointing: bool = False  # activation checkpointing of every block in the gradient-carrying forward
@@ -90,6 +92,10 @@ class UNetConfig:
     @property
     def resolutions(self) -> list[int]:
         return [self.img_resolution >> level for level in range(len(self.channel_mult))]
+
+    def dropout_at(self, resolution: int) -> float:
+        """Dropout of a block whose output has this resolution (sCM Table 4: only at resolutions <= 16)."""
+        return self.dropout if not self.dropout_max_resolution or resolution <= self.dropout_max_resolution else 0.0
 
     def check(self) -> None:
         if self.name != "unet":
@@ -116,6 +122,8 @@ class UNetConfig:
             raise ConfigError("attn_resolutions", f"{bad} not among the U-Net's resolutions {self.resolutions}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError("dropout", f"must be in [0, 1), got {self.dropout}")
+        if self.dropout_max_resolution < 0:
+            raise ConfigError("dropout_max_resolution", f"must be >= 0 (0 = every resolution), got {self.dropout_max_resolution}")
         if self.time_embedding not in ("positional", "fourier"):
             raise ConfigError("time_embedding", f"must be 'positional' or 'fourier', got {self.time_embedding!r}")
         if self.time_embedding == "fourier" and not self.fourier_scale > 0:
@@ -206,14 +214,14 @@ class ResBlock(nn.Module):
     """resample -> [GroupNorm-SiLU-conv3x3 -> Modulation(emb) -> SiLU-dropout-conv3x3 (zero-init)] + skip, /√2
     (EDM) -> optional self-attention. `takes_skip`: a decoder block whose input is [h, encoder skip]."""
 
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, cfg: UNetConfig, resample: str = "keep",
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, cfg: UNetConfig, resolution: int, resample: str = "keep",
                  attn: bool = False, takes_skip: bool = False):
         super().__init__()
         self.resample, self.takes_skip = resample, takes_skip
         self.norm1 = GroupNorm32(cfg.num_groups, in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.mod = Modulation(out_ch, emb_dim, cfg.num_groups, cfg.adaptive_double_norm)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = nn.Dropout(cfg.dropout_at(resolution))  # resolution: the block's output
         self.conv2 = _zero(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
         self.attn = AttentionBlock(out_ch, cfg.num_groups, cfg.head_channels, cfg.jvp_attention) if attn else None
@@ -228,7 +236,7 @@ class ResBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """F(x [B,C,H,W], noise_labels [B], class_labels [B,label_dim] | None) -> [B,C,H,W]."""
+    """F(x [B,C,H,W], noise_labels [B], class_labels [B,label_dim] | None, guidance [B] | None) -> [B,C,H,W]."""
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -237,7 +245,7 @@ class UNet(nn.Module):
         mc = cfg.model_channels
         widths = [mc * m for m in cfg.channel_mult]
         self.time_embedding_dim = E = 4 * mc  # ADM/EDM; equals EDM2's max(widths) for mult 1-2-3-4
-        self.map = ConditioningEmbedding(cfg.time_embedding, mc, E, cfg.label_dim, cfg.fourier_scale)
+        self.map = ConditioningEmbedding(cfg.time_embedding, mc, E, cfg.label_dim, cfg.fourier_scale, cfg.guidance_embedding)
 
         # Encoder: a skip is kept after conv_in and after every block (down-sampling ones included).
         self.conv_in = nn.Conv2d(cfg.img_channels, widths[0], 3, padding=1)
@@ -246,24 +254,25 @@ class UNet(nn.Module):
         for level, width in enumerate(widths):
             res = cfg.img_resolution >> level
             if level > 0:
-                self.enc.append(ResBlock(ch, ch, E, cfg, resample="down"))
+                self.enc.append(ResBlock(ch, ch, E, cfg, res, resample="down"))
                 skip_ch.append(ch)
             for _ in range(cfg.num_blocks):
-                self.enc.append(ResBlock(ch, width, E, cfg, attn=res in cfg.attn_resolutions))
+                self.enc.append(ResBlock(ch, width, E, cfg, res, attn=res in cfg.attn_resolutions))
                 ch = width
                 skip_ch.append(ch)
 
         # Lowest resolution (EDM2's dec in0/in1): a block with attention, then a plain one.
-        self.mid = nn.ModuleList([ResBlock(ch, ch, E, cfg, attn=True), ResBlock(ch, ch, E, cfg)])
+        low = cfg.resolutions[-1]
+        self.mid = nn.ModuleList([ResBlock(ch, ch, E, cfg, low, attn=True), ResBlock(ch, ch, E, cfg, low)])
 
         # Decoder: num_blocks + 1 blocks a level, each consuming one skip; an up-sampling block between levels.
         self.dec = nn.ModuleList()
         for level, width in reversed(list(enumerate(widths))):
             res = cfg.img_resolution >> level
             if level < len(widths) - 1:
-                self.dec.append(ResBlock(ch, ch, E, cfg, resample="up"))
+                self.dec.append(ResBlock(ch, ch, E, cfg, res, resample="up"))
             for _ in range(cfg.num_blocks + 1):
-                self.dec.append(ResBlock(ch + skip_ch.pop(), width, E, cfg, attn=res in cfg.attn_resolutions,
+                self.dec.append(ResBlock(ch + skip_ch.pop(), width, E, cfg, res, attn=res in cfg.attn_resolutions,
                                          takes_skip=True))
                 ch = width
         assert not skip_ch
@@ -271,12 +280,12 @@ class UNet(nn.Module):
         self.out_norm = GroupNorm32(cfg.num_groups, ch)
         self.out_conv = _zero(nn.Conv2d(ch, cfg.img_channels, 3, padding=1))
 
-    def embed(self, noise_labels: Tensor, class_labels: Tensor | None = None) -> Tensor:
+    def embed(self, noise_labels: Tensor, class_labels: Tensor | None = None, guidance: Tensor | None = None) -> Tensor:
         """Conditioning vector emb [B, time_embedding_dim], always computed in fp32 (fp64 for an fp64 net)."""
-        return self.map(noise_labels, class_labels)
+        return self.map(noise_labels, class_labels, guidance)
 
-    def forward(self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None = None) -> Tensor:
-        emb = self.embed(noise_labels, class_labels)
+    def forward(self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None = None, guidance: Tensor | None = None) -> Tensor:
+        emb = self.embed(noise_labels, class_labels, guidance)
         run = block_runner(self.cfg.checkpointing)
         h = self.conv_in(x)
         skips = [h]

@@ -57,11 +57,19 @@ class SCDConfig(SCTConfig):
     p_std: float = 1.6
     teacher: str = ""  # inference snapshot of a TrigFlow diffusion model (objective: diffusion)
     guidance_scale: float = 1.0  # CFG of the teacher: F_u + w (F_c − F_u); 1 = conditional only
+    # > 1: guidance-conditioned student (sCM Table 4, "maximum of CFG scale" 2.0): each sample draws its own
+    # w ~ Uniform[1, guidance_max], the teacher is guided with it and the student takes it as an input
+    guidance_max: float = 1.0
 
     def check(self) -> None:
         super().check()
         if not self.teacher:
             raise ConfigError("teacher", "sCD needs a teacher: the path of a diffusion snapshot (.safetensors)")
+        if self.guidance_max < 1:
+            raise ConfigError("guidance_max", f"must be >= 1 (1 = one fixed guidance_scale), got {self.guidance_max}")
+        if self.guidance_max > 1 and self.guidance_scale != 1:
+            raise ConfigError("guidance_scale", f"must stay 1 when guidance_max > 1 (each sample draws its scale in "
+                                                f"[1, {self.guidance_max}]), got {self.guidance_scale}")
 
 
 def jvp_tangent(fn: Callable, primals: tuple, tangents: tuple) -> tuple[Tensor, Tensor]:
@@ -103,12 +111,13 @@ def finite_difference_tangent(fn: Callable, primals: tuple, tangents: tuple, fd_
 class DataVelocity(nn.Module):
     """sCT: dx_t/dt = cos t z − sin t x0 (MATH §3)."""
 
-    def forward(self, x0: Tensor, z: Tensor, x_t: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
+    def forward(self, x0: Tensor, z: Tensor, x_t: Tensor, t: Tensor, labels: Tensor | None, guidance: Tensor | None = None) -> Tensor:
         return bcast(t.cos(), x0) * z - bcast(t.sin(), x0) * x0
 
 
 class TeacherVelocity(nn.Module):
-    """sCD: dx_t/dt = σd F_teacher(x_t/σd, t), classifier-free guided (MATH §3). The teacher is frozen."""
+    """sCD: dx_t/dt = σd F_teacher(x_t/σd, t), classifier-free guided (MATH §3) with the fixed scale, or with each
+    sample's own scale `guidance` [B] (guidance-conditioned student). The teacher is frozen."""
 
     def __init__(self, teacher: nn.Module, guidance_scale: float = 1.0):
         super().__init__()
@@ -116,8 +125,9 @@ class TeacherVelocity(nn.Module):
         self.guidance_scale = guidance_scale
 
     @torch.no_grad()
-    def forward(self, x0: Tensor, z: Tensor, x_t: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
-        return self.teacher.velocity(x_t, t, labels, self.guidance_scale).to(x_t.dtype)
+    def forward(self, x0: Tensor, z: Tensor, x_t: Tensor, t: Tensor, labels: Tensor | None, guidance: Tensor | None = None) -> Tensor:
+        scale = self.guidance_scale if guidance is None else guidance
+        return self.teacher.velocity(x_t, t, labels, scale).to(x_t.dtype)
 
     def train(self, mode: bool = True):  # the teacher stays in eval mode (no dropout)
         return super().train(False)
@@ -134,17 +144,22 @@ class SCM(nn.Module):
         x0 = hi(batch["x"])
         t = sample_trigflow_t(x0.shape[0], self.cfg.p_mean, self.cfg.p_std, self.sigma_data, x0.device)
         z = self.sigma_data * torch.randn_like(x0)  # z ~ N(0, σd² I)
-        return self.loss(net, x0, batch.get("labels"), t.to(x0.dtype), z, step)
+        w = None
+        if getattr(self.cfg, "guidance_max", 1.0) > 1:  # guidance-conditioned student: w ~ Uniform[1, guidance_max] per sample
+            w = 1 + (self.cfg.guidance_max - 1) * torch.rand(x0.shape[0], device=x0.device, dtype=x0.dtype)
+        return self.loss(net, x0, batch.get("labels"), t.to(x0.dtype), z, step, w)
 
-    def loss(self, net: nn.Module, x0: Tensor, labels: Tensor | None, t: Tensor, z: Tensor, step: int) -> Tensor:
-        """Per-sample sCM loss for given x0, t, z (all randomness explicit; used by tests)."""
+    def loss(self, net: nn.Module, x0: Tensor, labels: Tensor | None, t: Tensor, z: Tensor, step: int,
+             guidance: Tensor | None = None) -> Tensor:
+        """Per-sample sCM loss for given x0, t, z and guidance scales (all randomness explicit; used by tests).
+        `guidance` [B]: each sample's CFG scale, for the teacher and as the student's input (a JVP constant)."""
         sd = self.sigma_data
         cos, sin = bcast(t.cos(), x0), bcast(t.sin(), x0)
         x_t = cos * x0 + sin * z  # MATH §2
-        dxdt = self.velocity(x0, z, x_t, t, labels)
+        dxdt = self.velocity(x0, z, x_t, t, labels, guidance)
         with replay_randomness(x0.device):  # the JVP and the gradient forward share the dropout mask
             F_minus, dF = self.tangent(
-                lambda xs, tt: net.raw(xs, tt, labels),
+                lambda xs, tt: net.raw(xs, tt, labels, guidance),  # w enters as a constant: zero tangent
                 (x_t / sd, t),
                 (cos * sin * dxdt / sd, t.cos() * t.sin()),  # rearranged tangents, MATH §3
             )
@@ -157,7 +172,7 @@ class SCM(nn.Module):
             if self.cfg.tangent_norm_per_dim:
                 norm = norm / math.sqrt(x0[0].numel())
             g = g / (bcast(norm, g) + self.cfg.tangent_norm_c)  # tangent normalization, MATH §3
-        F = net(x_t, t, labels)
+        F = net(x_t, t, labels, guidance)
         loss = per_sample_mean((F - F_minus - g).square())  # (1/D)‖F_θ − F⁻ − g‖²
         if self.cfg.prior_weighting:
             loss = loss / (sd * t.tan())  # w(t) = 1/(σd tan t)

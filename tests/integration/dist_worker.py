@@ -54,6 +54,8 @@ def train_job(out: Path) -> None:
             args = ["--config", config, *TINY, f"dist.zero_stage={stage}", "run.total_steps=5", f"run.dir={out / f'{objective}_z{stage}'}"]
             if objective == "sct":
                 args.append("objective.tangent_warmup_steps=2")
+            else:  # post-hoc EMA profiles: replicated (ZeRO 0-2) and sharded (ZeRO-3)
+                args.append("ema.posthoc={sigma_rels: [0.05, 0.1], every: 2}")
             assert train.main(args) == 0, f"{objective} ZeRO-{stage} failed"
     args = ["--config", CONFIGS["sct"], *TINY, "objective.tangent_warmup_steps=2", "run.precision=bf16", "dist.zero_stage=3",
             "run.total_steps=5", f"run.dir={out / 'sct_bf16_z3'}"]

@@ -215,6 +215,25 @@ def test_sharded_zero3_ema_equals_the_replicated_zero0_ema(torchrun_job, objecti
         torch.testing.assert_close(sharded[name], full[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_posthoc_ema_profiles_under_zero3_equal_zero0(torchrun_job, tmp_path):
+    """ema.posthoc under ZeRO-3 keeps each profile sharded like the EMA; the stored profiles (steps 2, 4 and the
+    last, 5) equal ZeRO-0's replicated ones, and python -m sct.posthoc_ema reconstructs from them."""
+    from sct import posthoc_ema
+    from sct.checkpoint import load_snapshot
+
+    z0, z3 = (posthoc_ema.list_profiles(torchrun_job / f"diffusion_z{s}" / "phema") for s in (0, 3))
+    assert [(step, r) for step, r, _ in z3] == [(step, r) for step, r, _ in z0] == [(s, r) for s in (2, 4, 5) for r in (0.05, 0.1)]
+    for (_, _, a), (_, _, b) in zip(z0, z3):
+        full, _ = load_snapshot(a)
+        sharded, _ = load_snapshot(b)
+        for name in full:
+            torch.testing.assert_close(sharded[name], full[name], rtol=1e-5, atol=1e-6, msg=f"{b.name}: {name}")
+    out = tmp_path / "rec.safetensors"
+    assert posthoc_ema.main(["--run", str(torchrun_job / "diffusion_z3"), "--sigma-rel", "0.02", "--out", str(out)]) == 0
+    model, _ = load_snapshot_model(out)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_resume_on_one_process_from_two_ranks_zero3(torchrun_job, tmp_path):
     """2 ranks' ZeRO-3 checkpoint at step 5 -> one process (universal checkpoint) continues to step 7."""
     run_dir = tmp_path / "sct_z3"

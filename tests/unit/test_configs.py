@@ -82,8 +82,13 @@ def test_scm_xl_512_dry_run_reads_neither_the_bucket_nor_the_teacher():
         build_objective(cfg)  # the one place the teacher file is opened, when a run starts
 
 
-@pytest.mark.parametrize(("path", "low", "high", "named"), [("configs/sCM_xxl_512.yaml", 1.4e9, 1.7e9, "'1.5B' model: configs/sCM_xxl_512.yaml"),  # XXL: 1523.4M published
-                                                            ("configs/sCT_xl_512.yaml", 1.0e9, 1.25e9, "XL (1.1B)")])
+XXL_NAMED, XL_NAMED = "the sCM paper's '1.5B' model: configs/sCM_xxl_512.yaml", "the sCM paper's XL (1.1B)"
+
+
+@pytest.mark.parametrize(("path", "low", "high", "named"), [("configs/sCM_xxl_512.yaml", 1.4e9, 1.7e9, XXL_NAMED),  # XXL: 1523.4M published
+                                                            ("configs/sCT_xl_512.yaml", 1.0e9, 1.25e9, XL_NAMED),
+                                                            ("configs/diffusion_xl_512.yaml", 1.0e9, 1.25e9, XL_NAMED),
+                                                            ("configs/diffusion_xxl_512.yaml", 1.4e9, 1.7e9, XXL_NAMED)])
 def test_other_512_configs_dry_run_offline(path, low, high, named, capsys, monkeypatch):
     for key, value in OFFLINE.items():
         monkeypatch.setenv(key, value)
@@ -98,3 +103,28 @@ def test_other_512_configs_dry_run_offline(path, low, high, named, capsys, monke
 def test_declared_shard_shape_and_classes_are_checked_against_the_model(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load(TrainConfig, "configs/sCM_xl_512.yaml", [override])
+
+
+@pytest.mark.parametrize(("size", "lr", "images", "ema"), [("xl", 0.0070, 1280 << 20, 0.020), ("xxl", 0.0065, 896 << 20, 0.015)])
+def test_diffusion_512_teachers_follow_edm2_and_feed_the_student_configs(size, lr, images, ema):
+    """EDM2's edm2-img512-{xl,xxl} presets; the header's post-hoc EMA command writes the file the sCM config reads."""
+    path = Path(f"configs/diffusion_{size}_512.yaml")
+    cfg = load(TrainConfig, path)
+    assert cfg.objective.name == "diffusion" and cfg.objective.label_dropout > 0 and cfg.model.backbone.dropout == 0.1
+    assert cfg.optimizer.lr == lr and cfg.run.batch_size == 2048 and cfg.run.total_steps * 2048 == images
+    assert (cfg.optimizer.decay, cfg.optimizer.decay_start, tuple(cfg.optimizer.betas)) == ("inverse_sqrt", 70000, (0.9, 0.99))
+    assert (cfg.objective.p_mean, cfg.objective.p_std) == (-0.4, 1.0)
+    assert cfg.ema.posthoc.sigma_rels == (0.05, 0.10) and cfg.ema.std == ema
+    command = re.search(r"python -m sct.posthoc_ema --run (\S+) --sigma-rel (\S+) --out (\S+)", path.read_text())
+    assert command.group(1) == cfg.run.dir and float(command.group(2)) == ema
+    student = load(TrainConfig, f"configs/sCM_{size}_512.yaml")
+    assert student.objective.teacher == student.model.init_from == command.group(3)
+    assert student.objective.guidance_max == 2.0 and student.model.backbone.guidance_embedding and student.sampling.guidance == 1.2
+    assert student.model.backbone.dropout_max_resolution == 16 and student.ema.posthoc.sigma_rels
+
+
+def test_512_configs_no_longer_list_these_as_inexpressible():
+    for name in ("sCM_xl_512", "sCM_xxl_512", "sCT_xl_512"):
+        text = Path(f"configs/{name}.yaml").read_text()
+        assert "ours: every resolution" not in text and "No post-hoc EMA" not in text and "distilled at this one value" not in text
+    assert load(TrainConfig, "configs/sCT_xl_512.yaml").model.backbone.dropout_max_resolution == 16

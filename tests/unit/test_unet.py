@@ -243,3 +243,23 @@ def test_checkpointing_gives_the_same_gradients_and_is_off_inside_the_jvp(monkey
     assert not calls
     net(x, t, y)
     assert calls  # the gradient-carrying forward checkpoints
+
+
+def test_dropout_limited_to_low_resolutions():
+    """sCM Table 4's dropout at resolutions <= 16 only: a 32x32 net's 32-res blocks get none, its 16/8 blocks get it."""
+    cfg = dataclasses.replace(TINY, img_resolution=32, channel_mult=(1, 1, 1), attn_resolutions=(8,), dropout=0.3,
+                              dropout_max_resolution=16)
+    net = build_unet(cfg)
+    # output resolution of each block: enc conv block, then (down, block) per level; mid; dec (blocks, then up + blocks)
+    resolutions = [32, 16, 16, 8, 8] + [8, 8] + [8, 8, 16, 16, 16, 32, 32, 32]
+    blocks = [*net.enc, *net.mid, *net.dec]
+    assert [b.dropout.p for b in blocks] == [0.3 if r <= 16 else 0.0 for r in resolutions]
+    randomize_(net)  # the zero-init conv after the dropout would hide it
+    x, t = torch.randn(2, 2, 32, 32), torch.rand(2)
+    net.train()
+    emb = net.embed(t)
+    h = net.conv_in(x)
+    torch.testing.assert_close(net.enc[0](h, emb), net.enc[0](h, emb), rtol=0, atol=0)  # 32x32: no dropout in training
+    assert not torch.equal(net.enc[1](h, emb), net.enc[1](h, emb))  # 16x16: dropout
+    every = build_unet(dataclasses.replace(cfg, dropout_max_resolution=0))
+    assert {m.p for m in every.modules() if isinstance(m, torch.nn.Dropout)} == {0.3}
