@@ -127,11 +127,11 @@ def _train(cfg: TrainConfig, args, d: dist.Dist) -> int:
         ema = ema or ShardedEMA(net, cfg.ema, make_model=lambda: build_model(cfg.model).to(device))
     else:
         engine, ema = TorchEngine(module, optimizer, cfg.optimizer.grad_clip, cfg.run.grad_accum), EMA(net, cfg.ema)
-    ema = phema.attach(ema, net, cfg.ema.posthoc, run_dir / "phema", snapshot_config(cfg), d.rank, cfg.run.total_steps)
+    snap_cfg = snapshot_config(cfg, getattr(data, "manifest", None))  # a shard stream carries its manifest
+    ema = phema.attach(ema, net, cfg.ema.posthoc, run_dir / "phema", snap_cfg, d.rank, cfg.run.total_steps)
     teacher = getattr(getattr(objective, "velocity", None), "teacher", None)
     if teacher is not None:
         stats.time_module(teacher, "teacher")
-    snap_cfg = snapshot_config(cfg, getattr(data, "manifest", None))  # a shard stream carries its manifest
     parts = loop.Parts(
         net=net,
         objective=objective,

@@ -21,7 +21,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from pipelines import encode, shards
-from sct import sample, train
+from sct import posthoc_ema, sample, train
 from sct.checkpoint import CONFIG_KEY
 from sct.dist.preempt import EXIT_PREEMPTED
 
@@ -70,7 +70,7 @@ def test_grids_and_sct_sample_decode_latents_to_rgb(latents, tmp_path, monkeypat
     real = train.write_grids
     monkeypatch.setattr(train, "write_grids", lambda net, stem, **kw: (
         checkpointed_first.append((run_dir / "checkpoints" / "step_000000002" / "COMPLETE").is_file()), real(net, stem, **kw))[1])
-    assert train.main(args_for(url, run_dir)) == 0
+    assert train.main(args_for(url, run_dir, "ema.posthoc={sigma_rels: [0.05, 0.1], every: 1}")) == 0
     assert checkpointed_first == [True]  # the step's checkpoint is written before its grid
     for steps in (1, 2):
         grid = Image.open(run_dir / "samples" / f"step_000000002_{steps}step.png")
@@ -80,6 +80,10 @@ def test_grids_and_sct_sample_decode_latents_to_rgb(latents, tmp_path, monkeypat
         stored = json.loads(f.metadata()[CONFIG_KEY])
     manifest = shards.read_manifest(url)
     assert stored["latent"] == {"stats": manifest["stats"], "vae": str(vae)} and stored["shape"] == SHAPE
+    phema_snap = tmp_path / "phema.safetensors"  # a post-hoc EMA snapshot decodes alike
+    assert posthoc_ema.main(["--run", str(run_dir), "--sigma-rel", "0.07", "--out", str(phema_snap)]) == 0
+    with safe_open(phema_snap, framework="pt") as f:
+        assert json.loads(f.metadata()[CONFIG_KEY])["latent"] == stored["latent"]
 
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "sct.sample", "--snapshot", str(snap), "--steps", "1", "--num", "3", "--out", str(out)],
