@@ -60,3 +60,11 @@ def test_images_pass_through_and_other_channel_counts_preview(tmp_path, warnings
     assert Image.open(tmp_path / "two.png").mode == "L" and "2 channels" in warnings[0]
     a = np.asarray(Image.open(tmp_path / "rgb.png"))
     assert a.shape[2] == 3
+
+
+def test_sampling_vae_needs_shard_data():
+    from sct.config import ConfigError, load
+    from sct.experiment import TrainConfig
+
+    with pytest.raises(ConfigError, match="sampling.vae: only latent shard data"):
+        load(TrainConfig, "configs/demo_cpu.yaml", ["sampling.vae=org/vae"])
