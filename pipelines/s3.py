@@ -33,6 +33,8 @@ import fsspec
 import webdataset as wds
 from loguru import logger
 
+from sct.checkpoint import file_mode
+
 # Errors that a retry can fix: the endpoint is down or restarting, a connection dropped, a 5xx/throttle.
 _TRANSIENT_NAMES = {
     "EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError", "ConnectTimeoutError",
@@ -156,6 +158,7 @@ def write_bytes(url: str, data: bytes) -> None:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
+            os.chmod(tmp, file_mode())  # mkstemp's 0600 -> what open() would give (0644 under umask 022)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import signal
 from dataclasses import dataclass
 from typing import Literal
 
@@ -134,7 +135,11 @@ class BadShard(Exception):
     pass
 
 
-class TooManyBadShards(RuntimeError):
+class DataError(RuntimeError):
+    """The stream cannot go on (sct.train exits with status 4)."""
+
+
+class TooManyBadShards(DataError):
     pass
 
 
@@ -257,6 +262,12 @@ class _Slots(IterableDataset):
             del os.environ[k]
         os.environ.update(self.env)
         info = get_worker_info()
+        messages: list[str] = []  # a worker's warnings (retries, skipped shards) travel with its next batch to the trainer's log
+        if info is not None:
+            for sig in (signal.SIGTERM, signal.SIGUSR1):  # a scheduler signals every process: preemption is the trainer's
+                signal.signal(sig, signal.SIG_IGN)      # (it checkpoints, then shuts its workers down)
+            logger.remove()
+            logger.add(lambda m: messages.append(str(m).rstrip()), level="WARNING", format="{message}")
         logical = ((info.id if info else 0) + self.rotation) % self.workers
         reader = SlotReader(self.cfg, self.manifest, self.rank * self.workers + logical, self.slots, self.remap)
         samples = reader.samples(*self.positions[logical])
@@ -272,7 +283,9 @@ class _Slots(IterableDataset):
                 batch["labels"] = torch.nn.functional.one_hot(torch.tensor(labels), self.classes).float()
             if self.return_ids:
                 batch["ids"], batch["epochs"] = torch.tensor(ids), torch.tensor(epochs)
-            batch["_state"] = {"worker": logical, "position": [epoch, position], **reader.counters, "bad": dict(reader.bad)}
+            batch["_state"] = {"worker": logical, "position": [epoch, position], **reader.counters, "bad": dict(reader.bad),
+                               "messages": list(messages)}
+            messages.clear()
             yield batch
 
 
@@ -313,7 +326,7 @@ class ShardStream:
             context.set_forkserver_preload(["pipelines.stream"])  # imported once in the server, not per worker
         workers.start_helpers(self.cfg.worker_start)  # preemption signals are the trainer's alone
         loader = DataLoader(ds, batch_size=None, num_workers=self.workers, prefetch_factor=self.cfg.prefetch_factor,
-                            pin_memory=torch.cuda.is_available(), multiprocessing_context=context, worker_init_fn=workers.ignore_signals,
+                            pin_memory=torch.cuda.is_available(), multiprocessing_context=context,
                             generator=torch.Generator().manual_seed(self.cfg.seed))  # not the global RNG: the loop seeds it per step
         return iter(loader)
 
@@ -334,6 +347,8 @@ class ShardStream:
 
     def _account(self, worker: int, info: dict) -> None:
         """Sum the workers' counters; log changes; raise past max_bad_shards (distinct shards over all workers)."""
+        for message in info.get("messages", ()):
+            logger.bind(every_rank=True).warning(f"data worker {worker} (rank {self.rank}): {message}")
         before = dict(self.counters)
         self._per_worker[worker] = {k: int(info[k]) for k in ("retries", "bad_shards", "skipped_samples")}
         self.counters = {k: sum(w[k] for w in self._per_worker.values()) for k in ("retries", "skipped_samples")}

@@ -3,7 +3,10 @@
 Owns:
 - resumable training state: `run/checkpoints/step_000001000/` directories written atomically
   (temp dir -> fsync -> `COMPLETE` marker with per-file sha256 -> rename), pruned to the newest
-  `keep_last`; `latest_training_state` returns the newest one whose checksums verify.
+  `keep_last`; `latest_training_state` returns the newest one that `verify`s (its marker lists exactly the
+  files present, each with its sha256; a malformed marker is reported by size and hash, never echoed).
+  Sealed checkpoints are not group/other-writable whatever the umask (sct.run_folder refuses those);
+  `load_training_state` unpickles plain data only (weights_only=True).
   `atomic_checkpoint_dir` yields the temp dir so an engine (DeepSpeed) can add its own files; with a
   `barrier` every rank writes into the same temp dir and rank 0 seals it after all are done.
 - inference snapshots: EMA weights as safetensors with the model config in the metadata
@@ -19,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -35,6 +39,8 @@ STATE_FILE = "state.pt"
 CONFIG_KEY = "sct_model_config"
 EXTRA_KEY = "sct_extra"
 _STEP_DIR = re.compile(r"^step_(\d{9})$")
+_STEP_IN = re.compile(r"step_(\d{9})")  # also in `.old-step_000000100-<pid>`
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 def _sha256(path: Path) -> str:
@@ -51,7 +57,25 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _step_dirs(ckpt_root: Path) -> list[tuple[int, Path]]:
+def file_mode() -> int:
+    """0o666 less the process umask: the mode `open()` gives a new file (mkstemp and safetensors use 0o600)."""
+    try:
+        with open("/proc/self/status") as f:
+            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration):
+        mask = os.umask(0o022)  # no /proc: read it by setting it (briefly process-wide)
+        os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _no_group_write(path: Path) -> None:
+    """Checkpoints are sealed without group/other write permission whatever the umask (sct.run_folder refuses those)."""
+    mode = stat.S_IMODE(os.lstat(path).st_mode)
+    if mode & 0o022:
+        os.chmod(path, mode & ~0o022)
+
+
+def step_dirs(ckpt_root: Path) -> list[tuple[int, Path]]:
     """(step, dir) for every `step_*` directory, newest first."""
     if not ckpt_root.is_dir():
         return []
@@ -61,7 +85,7 @@ def _step_dirs(ckpt_root: Path) -> list[tuple[int, Path]]:
 
 def _prune(ckpt_root: Path, keep_last: int, protect: Path) -> None:
     """Keep the newest `keep_last` complete step dirs (and `protect`); drop stale temp dirs."""
-    complete = [p for _, p in _step_dirs(ckpt_root) if (p / MARKER).is_file()]
+    complete = [p for _, p in step_dirs(ckpt_root) if (p / MARKER).is_file()]
     for p in complete[keep_last:]:
         if p != protect:
             shutil.rmtree(p, ignore_errors=True)
@@ -108,6 +132,7 @@ def _seal(tmp: Path, final: Path, step: int, ckpt_root: Path, keep_last: int) ->
     """Hash + fsync every file, write the marker, rename tmp -> final (replacing), prune."""
     files = {}
     for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
+        _no_group_write(f)
         _fsync_path(f)
         files[f.relative_to(tmp).as_posix()] = _sha256(f)
     marker = {"step": step, "time": time.time(), "files": files}
@@ -115,7 +140,9 @@ def _seal(tmp: Path, final: Path, step: int, ckpt_root: Path, keep_last: int) ->
         json.dump(marker, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
+    _no_group_write(tmp / MARKER)
     for d in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
+        _no_group_write(d)
         _fsync_path(d)
     if final.exists():  # replace: move the old one aside first so a crash leaves a valid dir or none
         old = ckpt_root / f".old-{final.name}-{os.getpid()}"
@@ -135,15 +162,37 @@ def save_training_state(run_dir: Path, step: int, state: dict, keep_last: int = 
     return Path(run_dir) / "checkpoints" / f"step_{step:09d}"
 
 
-def _verify(step_dir: Path) -> str | None:
-    """None when `step_dir` is sealed and intact, else the reason it is not."""
+def _marker_files(step_dir: Path) -> dict[str, str] | str:
+    """The marker's {relative path: sha256}, or why the marker is not one sct wrote (its content is never echoed)."""
     try:
-        marker = json.loads((step_dir / MARKER).read_text())
-        files = marker["files"]
+        raw = (step_dir / MARKER).read_bytes()
     except FileNotFoundError:
         return f"no {MARKER} marker"
-    except (ValueError, KeyError, TypeError) as e:
-        return f"unreadable {MARKER} marker ({e!r})"
+    try:
+        marker = json.loads(raw)
+        files, step = marker["files"], marker["step"]
+        ok = (step == int(_STEP_IN.search(step_dir.name).group(1)) and isinstance(files, dict) and all(
+            isinstance(k, str) and isinstance(v, str) and _HEX64.fullmatch(v) and _safe_relative(k) for k, v in files.items()))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        ok = False
+    if not ok:
+        return f"invalid {MARKER} marker ({len(raw)} bytes, sha256 {hashlib.sha256(raw).hexdigest()[:16]}...)"
+    return files
+
+
+def _safe_relative(name: str) -> bool:
+    parts = name.split("/")
+    return bool(name) and not name.startswith("/") and all(p not in ("", ".", "..") for p in parts) and name.isprintable()
+
+
+def verify(step_dir: Path) -> str | None:
+    """None when `step_dir` is sealed and intact (exactly the files its marker lists, each with its sha256), else why not."""
+    files = _marker_files(step_dir)
+    if isinstance(files, str):
+        return files
+    present = {p.relative_to(step_dir).as_posix() for p in step_dir.rglob("*") if not p.is_dir()} - {MARKER}
+    if present - files.keys():
+        return f"{len(present - files.keys())} file(s) not listed in its {MARKER} marker"
     for rel, digest in files.items():
         f = step_dir / rel
         if not f.is_file():
@@ -155,8 +204,8 @@ def _verify(step_dir: Path) -> str | None:
 
 def latest_training_state(run_dir: Path) -> Path | None:
     """Newest step dir that is complete and verifies; skipped ones are logged with the reason."""
-    for _, step_dir in _step_dirs(Path(run_dir) / "checkpoints"):
-        reason = _verify(step_dir)
+    for _, step_dir in step_dirs(Path(run_dir) / "checkpoints"):
+        reason = verify(step_dir)
         if reason is None:
             return step_dir
         logger.warning(f"skipping checkpoint {step_dir}: {reason}")
@@ -164,14 +213,16 @@ def latest_training_state(run_dir: Path) -> Path | None:
 
 
 def load_training_state(step_dir: Path) -> dict:
-    return torch.load(Path(step_dir) / STATE_FILE, weights_only=False, map_location="cpu")
+    """state.pt as plain data: weights_only=True unpickles tensors and containers only, never code."""
+    return torch.load(Path(step_dir) / STATE_FILE, weights_only=True, map_location="cpu")
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """Call write(tmp_path), fsync it, then os.replace it onto `path`."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
+        os.chmod(tmp, file_mode())
         _fsync_path(tmp)
         os.replace(tmp, path)
     finally:
@@ -187,8 +238,8 @@ def save_snapshot(
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state_dict.items()}
     metadata = {CONFIG_KEY: json.dumps(model_config), EXTRA_KEY: json.dumps(extra or {})}
     human = json.dumps({"model_config": model_config, "extra": extra or {}}, indent=2)
-    _atomic_write(path.with_suffix(".json"), lambda p: p.write_text(human + "\n"))
-    _atomic_write(path, lambda p: save_file(tensors, p, metadata=metadata))
+    atomic_write(path.with_suffix(".json"), lambda p: p.write_text(human + "\n"))
+    atomic_write(path, lambda p: save_file(tensors, p, metadata=metadata))
     _fsync_path(path.parent)
 
 

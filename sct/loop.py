@@ -22,7 +22,7 @@ import torch
 from loguru import logger
 from torch import nn
 
-from sct import stats
+from sct import exit_codes, stats
 from sct.checkpoint import (
     STATE_FILE,
     atomic_checkpoint_dir,
@@ -129,12 +129,16 @@ def _checkpoint(run_dir: Path, step: int, parts: Parts, counters: dict, keep: in
     return path
 
 
-def _resume(run_dir: Path, parts: Parts) -> tuple[int, dict] | None:
-    d = parts.dist
-    latest = all_gather_objects(latest_training_state(run_dir) if d.rank == 0 else None)[0]  # rank 0 verifies
+def _resume(latest: Path | None, parts: Parts) -> tuple[int, dict] | None:
+    """Load the checkpoint sct.run_folder chose (rank 0 checked its owner and permissions for every rank)."""
     if latest is None:
         return None
-    state = load_training_state(latest)
+    d = parts.dist
+    try:
+        state = load_training_state(latest)
+    except Exception as e:  # noqa: BLE001 - weights_only refuses anything but tensors and plain containers
+        raise exit_codes.Fatal(exit_codes.STATE, f"cannot load {latest / STATE_FILE} as plain data (torch.load weights_only): "
+                                                 f"{exit_codes.one_line(e)}") from None
     if hasattr(parts.engine, "load"):
         parts.engine.load(latest, state["world_size"])
     else:
@@ -143,7 +147,10 @@ def _resume(run_dir: Path, parts: Parts) -> tuple[int, dict] | None:
     same = state["world_size"] == d.world_size
     if not same:
         logger.warning(f"resuming {state['world_size']} ranks' checkpoint on {d.world_size}: the data positions are remapped")
-    parts.data.load_state_dict({**state["data"][d.rank if same else 0], "ranks": state["data"]})  # all ranks': for a remap
+    try:
+        parts.data.load_state_dict({**state["data"][d.rank if same else 0], "ranks": state["data"]})  # all ranks': for a remap
+    except ValueError as e:
+        raise exit_codes.Fatal(exit_codes.STATE, f"{latest}: {e}") from None
     if same:
         torch.set_rng_state(state["rng"][d.rank]["torch"])
         random.setstate(state["rng"][d.rank]["python"])
@@ -195,11 +202,22 @@ def _tick_record(cfg: LoopConfig, parts: Parts, done: int, steps: int, seconds: 
     return record
 
 
-def run(cfg: LoopConfig, parts: Parts, run_dir: Path, device: torch.device) -> int:
-    """Train until total_steps (or max_steps_per_job); returns the step reached. Raises `Preempted`."""
+def _data_counters(stream) -> dict:
+    """The streams' retry, bad-shard and skipped-sample counts since this job started, over all ranks (a collective)."""
+    if not hasattr(stream, "counters"):
+        return {}
+    gathered = all_gather_objects((stream.counters, sorted(stream.bad)))
+    return {"data/retries": sum(c.get("retries", 0) for c, _ in gathered),
+            "data/skipped_samples": sum(c.get("skipped_samples", 0) for c, _ in gathered),
+            "data/bad_shards": len(set().union(*[bad for _, bad in gathered]))}
+
+
+def run(cfg: LoopConfig, parts: Parts, run_dir: Path, device: torch.device, resume_from: Path | None = None) -> int:
+    """Train until total_steps (or max_steps_per_job) from `resume_from` (a checkpoint folder, or None: step 0);
+    returns the step reached. Raises `Preempted`."""
     counters = {"skipped": 0, "in_a_row": 0}
     start = 0
-    resumed = _resume(run_dir, parts)
+    resumed = _resume(resume_from, parts)
     if resumed is not None:
         start, counters = resumed
     if parts.trackers is not None:
@@ -246,6 +264,7 @@ def run(cfg: LoopConfig, parts: Parts, run_dir: Path, device: torch.device) -> i
         if done % cfg.log_every == 0 or done == stop:
             record = _tick_record(cfg, parts, done, done - tick_step, time.monotonic() - tick_start, device)
             record["skipped"] = counters["skipped"]
+            record |= _data_counters(parts.data)
             metrics.write(record)
             stats.publish(record)
             mfu = f"  MFU {record['mfu']:.1%}" if "mfu" in record else ""
@@ -260,8 +279,8 @@ def run(cfg: LoopConfig, parts: Parts, run_dir: Path, device: torch.device) -> i
         if not grid or parts.dist.rank != 0:
             model = None  # only rank 0 draws, and only after the checkpoint
         preempted = parts.preempt is not None and parts.preempt.requested_anywhere(device)
-        healthy = counters["in_a_row"] == 0  # checkpoint only healthy states
-        if healthy and (done % cfg.checkpoint_every == 0 or done == stop or preempted):
+        # on the cadence only healthy states; at a stop always (a skipped step changed no weight: resume stays exact)
+        if (counters["in_a_row"] == 0 and done % cfg.checkpoint_every == 0) or done == stop or preempted:
             _checkpoint(run_dir, done, parts, counters, cfg.keep_checkpoints)
             if parts.dist.rank == 0:
                 _never_fatal(f"step {done}: loss.png not written", plot_losses, run_dir)

@@ -11,7 +11,8 @@ Owns:
 - `JSONLWriter`: rank-0 metrics sink, one JSON object per line.
 - `add_sinks` / `publish(record)` / `publish_images(paths, step)` / `close_sinks`: the optional tracking sinks
   (TensorBoard, W&B: `sct.tracking`) that get each tick's record and the sample grids beside metrics.jsonl.
-- `setup_logging`: loguru sinks (console on rank 0, WARNING+ elsewhere; run_dir/log.txt on rank 0).
+- `setup_logging`: loguru sinks (console on rank 0, WARNING+ elsewhere; run_dir/log.txt on rank 0, and
+  ERRORs / `every_rank` lines from the other ranks).
 - `Progress`: step, recent it/s and ETA for the status line.
 
 Tests: `pytest tests/unit/test_stats.py`.
@@ -213,14 +214,21 @@ def close_sinks() -> None:
         _sinks.pop().close()
 
 
+def _every_rank(record) -> bool:
+    return record["level"].no >= logger.level("ERROR").no or record["extra"].get("every_rank", False)
+
+
 def setup_logging(run_dir: Path | None, rank: int = 0, level: str = "INFO") -> None:
-    """Replace loguru's sinks: console (rank 0 at `level`, others WARNING+), run_dir/log.txt on rank 0."""
+    """Replace loguru's sinks: console (rank 0 at `level`, others WARNING+), run_dir/log.txt on rank 0; other
+    ranks add to log.txt only ERRORs (fatal reasons) and lines bound with `every_rank=True` (data-worker warnings)."""
     logger.remove()
     fmt = "{time:YYYY-MM-DD HH:mm:ss} | {level: <7} | " + f"rank {rank} | " + "{message}"
     logger.add(sys.stderr, level=level if rank == 0 else "WARNING", format=fmt)
     if run_dir is not None and rank == 0:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         logger.add(Path(run_dir) / "log.txt", level=level, format=fmt)
+    elif run_dir is not None:
+        logger.add(Path(run_dir) / "log.txt", level="WARNING", format=fmt, filter=_every_rank, delay=True)
 
 
 def _format_duration(seconds: float) -> str:

@@ -6,13 +6,17 @@
 
 Builds the pieces a config names and hands them to `sct.loop.run`. The resolved config is saved as
 `<run.dir>/config.yaml`, and the folder created, only after every start-up check has passed (config, device,
-run.dir, storage, init_from, teacher): a rejected start leaves no folder and changes no file in an existing one.
+run.dir, storage, init_from, teacher, then sct.run_folder: one job per run.dir, config changes and unsafe
+checkpoints refused): a rejected start leaves no folder and changes no file in an existing one.
 Rerunning the same command resumes from the latest complete checkpoint.
-Exit status: 0 done, 2 config error, 75 preempted (SIGTERM/SIGUSR1; checkpointed, rerun to resume).
+`--restart-if-no-valid-checkpoint`: when every checkpoint is invalid, move them aside and start at step 0.
+Exit statuses (0 done, 2 config error, 3 non-finite, 4 data, 5 storage, 6 state, 7 busy, 75 preempted):
+sct/exit_codes.py.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from functools import partial
 from pathlib import Path
@@ -25,13 +29,13 @@ from loguru import logger
 from torch import nn
 
 from pipelines.data import build_stream, data_shape, num_classes
-from sct import dist, loop, phema, startup, stats
+from sct import dist, exit_codes, loop, phema, run_folder, startup, stats
 from sct.config import ConfigError, parse_cli, save_yaml, to_yaml
 from sct.decode import Pictures
 from sct.dist.ema_sharded import ShardedEMA
 from sct.dist.engine import DeepSpeedEngine, TorchEngine
 from sct.dist.flops import peak_flops, step_flops_per_sample, zero_model_state_bytes
-from sct.dist.preempt import EXIT_PREEMPTED, Preemption
+from sct.dist.preempt import EXIT_PREEMPTED, Preemption, StartupPreempted
 from sct.ema import EMA
 from sct.estimate import activation_line, model_line
 from sct.experiment import (
@@ -68,8 +72,21 @@ def dry_run(cfg: TrainConfig, world: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    preempt = Preemption().install()  # first of all: a signal during start-up exits 75 too (StartupPreempted)
+    try:
+        return _main(argv, preempt)
+    except StartupPreempted as e:
+        print(f"{e}; exiting with status {EXIT_PREEMPTED} (rerun the same command)", file=sys.stderr)
+        return EXIT_PREEMPTED
+    finally:
+        preempt.uninstall()
+
+
+def _main(argv: list[str] | None, preempt: Preemption) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--world-size", type=int, default=None, help="--dry-run: ranks for the memory estimate (default $WORLD_SIZE or 1)")
+    parser.add_argument("--restart-if-no-valid-checkpoint", action="store_true",
+                        help="when run.dir has checkpoints but none is valid, move them aside and start at step 0 (default: refuse, status 6)")
     try:
         cfg, args = parse_cli(sys.argv[1:] if argv is None else argv, TrainConfig, parser)
         if args.world_size is not None and args.world_size < 1:
@@ -83,13 +100,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     try:
-        return _train(cfg, args, d)
+        with contextlib.ExitStack() as on_exit:  # the run folder's lock, once taken, is released with it
+            return _train(cfg, args, d, preempt, on_exit)
     finally:
         if d.owns_group:
             dist.shutdown()
 
 
-def _train(cfg: TrainConfig, args, d: dist.Dist) -> int:
+def _train(cfg: TrainConfig, args, d: dist.Dist, preempt: Preemption, on_exit: contextlib.ExitStack) -> int:
     run_dir = Path(cfg.run.dir)
     stats.setup_logging(None, d.rank)  # console only: the run folder is touched once every start-up check has passed
     device = d.device
@@ -106,6 +124,14 @@ def _train(cfg: TrainConfig, args, d: dist.Dist) -> int:
     except ConfigError as e:
         print(f"config error: {args.config}: {e}", file=sys.stderr)
         return 2
+    try:  # locks and checks the folder (config diff, ownership); chooses the checkpoint to resume from
+        folder = on_exit.enter_context(run_folder.open_run(run_dir, cfg, d, restart=args.restart_if_no_valid_checkpoint))
+    except ConfigError as e:
+        print(f"config error: {args.config}: {e}", file=sys.stderr)
+        return 2
+    except exit_codes.Fatal as e:
+        print(exit_codes.fatal_line(e.status, e), file=sys.stderr)
+        return e.status
     startup.open_run_dir(run_dir, d.rank)  # accepted: now create the folder, log.txt and config.yaml
     dist.log_setup(d)
     if d.rank == 0:
@@ -143,19 +169,25 @@ def _train(cfg: TrainConfig, args, d: dist.Dist) -> int:
         write_samples=partial(write_grids, cfg=cfg.sampling, shape=data_shape(cfg.data), classes=num_classes(cfg.data),
                               pictures=Pictures(snap_cfg["latent"], device), device=device),
         dist=d,
-        preempt=Preemption().install(),
+        preempt=preempt,
         config_text=to_yaml(cfg),
         flops_per_sample=flops,
         peak_flops=peak_flops(device, cfg.run.precision),
         trackers=partial(open_sinks, cfg.tracking, run_dir, config_text=to_yaml(cfg)) if d.rank == 0 else None,
     )
+    preempt.defer()  # from here a signal waits for the next step boundary and its checkpoint
     try:
-        reached = loop.run(cfg.run, parts, run_dir, device)
+        reached = loop.run(cfg.run, parts, run_dir, device, resume_from=folder.checkpoint)
     except loop.Preempted as p:
         logger.warning(f"{p}; exiting with status {EXIT_PREEMPTED} (rerun the same command to resume)")
         return EXIT_PREEMPTED
+    except Exception as e:  # the documented fatal errors end with their status, anything else is a bug
+        status = exit_codes.status_of(e)
+        if status is None:
+            raise
+        logger.error(exit_codes.fatal_line(status, e))
+        return status
     finally:
-        parts.preempt.uninstall()
         stats.close_sinks()
     logger.info(f"stopped at step {reached}/{cfg.run.total_steps}; outputs in {run_dir}")
     return 0

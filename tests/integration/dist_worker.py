@@ -13,7 +13,8 @@ Jobs (the process group is created once and reused by every run, so each job cos
 - scd: sCD from the ZeRO-3 diffusion run's snapshot under ZeRO 0 and 3 (DIR/scd_z<stage>), and a
   check that the frozen teacher is partitioned with the student under ZeRO-3 (DIR/scd.json).
 - nonfinite: sCT under ZeRO 0 and 3 whose loss is NaN on rank 1 only at steps 2 and 3: every
-  rank must skip those optimizer steps (DIR/nan_z<stage>).
+  rank must skip those optimizer steps (DIR/nan_z<stage>); then a run whose loss is NaN on every rank
+  from step 2 on stops with status 3 on every rank, each logging its reason (DIR/nan_stop).
 - jvp_snapshot: the sCT tangent through the ZeRO-3 engine vs torch.func.jvp on an unsharded copy
   (DIR/jvp.json); a few ZeRO-3 steps with the sharded EMA, then an inference snapshot and samples
   drawn through the partitioned engine module carrying the EMA (DIR/engine_samples.pt).
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from sct import dist, loop, train  # noqa: E402
+from sct import dist, exit_codes, loop, train  # noqa: E402
 from sct.checkpoint import save_snapshot  # noqa: E402
 from sct.config import load  # noqa: E402
 from sct.dist.ema_sharded import ShardedEMA  # noqa: E402
@@ -101,6 +102,9 @@ def nonfinite_job(out: Path, d: dist.Dist) -> None:
             args = ["--config", CONFIGS["sct"], *TINY, "objective.tangent_warmup_steps=2", f"dist.zero_stage={stage}",
                     "run.total_steps=6", f"run.dir={out / f'nan_z{stage}'}"]
             assert train.main(args) == 0
+        scm.SCM.forward = lambda self, net, batch, step: real(self, net, batch, step) * (float("nan") if step >= 2 else 1.0)
+        args = ["--config", CONFIGS["sct"], *TINY, "run.total_steps=6", "run.max_nonfinite_in_a_row=2", f"run.dir={out / 'nan_stop'}"]
+        assert train.main(args) == exit_codes.NONFINITE
     finally:
         scm.SCM.forward = real
 

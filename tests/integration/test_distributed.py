@@ -172,6 +172,11 @@ def test_scd_under_zero0_and_zero3_with_the_teacher_partitioned(torchrun_job):
     assert report["partition_numel"] * 2 >= report["full_numel"] > report["partition_numel"]  # half each (padded)
 
 
+def test_a_nonfinite_stop_is_logged_on_every_rank(torchrun_job):
+    fatal = [line for line in (torchrun_job / "nan_stop" / "log.txt").read_text().splitlines() if "fatal (status 3" in line]
+    assert sorted(line.split(" | ")[2] for line in fatal) == ["rank 0", "rank 1"], fatal
+
+
 @pytest.mark.parametrize("stage", [0, 3])
 def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(torchrun_job, stage):
     records = [json.loads(line) for line in (torchrun_job / f"nan_z{stage}" / "metrics.jsonl").read_text().splitlines()]

@@ -33,7 +33,8 @@ def test_resume_reproduces_the_uninterrupted_loss_sequence(tmp_path, objective):
 
 
 def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path, monkeypatch):
-    from sct.loop import NonFiniteLossError
+    """...with status 3 (sct.exit_codes.NONFINITE) and the one-line reason in log.txt, not a traceback."""
+    from sct import exit_codes
     from sct.objectives import scm
 
     real = scm.SCM.forward
@@ -45,8 +46,9 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path, monkeypatch):
     monkeypatch.setattr(scm.SCM, "forward", poisoned)
     run_dir = tmp_path / "nan"
     args = TOY + [f"run.dir={run_dir}", "run.total_steps=20", "run.checkpoint_every=3", "run.max_nonfinite_in_a_row=3"]
-    with pytest.raises(NonFiniteLossError, match="3 non-finite steps in a row at step 7.*step_000000003"):
-        train.main(args)
+    assert train.main(args) == exit_codes.NONFINITE
+    fatal = [line for line in (run_dir / "log.txt").read_text().splitlines() if "fatal" in line]
+    assert len(fatal) == 1 and "(status 3, non-finite stop): 3 non-finite steps in a row at step 7" in fatal[0] and "step_000000003" in fatal[0]
     good = latest_training_state(run_dir)
     assert good is not None and good.name == "step_000000003"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
