@@ -74,7 +74,7 @@ def _objective(cfg, model_cfg):
 
     small = dataclasses.replace(cfg, model=model_cfg)
     if isinstance(cfg.objective, SCDConfig):  # the teacher: a second net of the student's (narrow) size, never read from disk
-        return SCM(cfg.objective, cfg.model.precond.sigma_data, TeacherVelocity(build_model(model_cfg), cfg.objective.guidance_scale))
+        return SCM(cfg.objective, cfg.model.precond.sigma_data, TeacherVelocity(build_model(model_cfg)))  # SCM sets the guidance
     return build_objective(small)
 
 

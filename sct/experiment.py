@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Literal
 
 from torch import nn
 
@@ -17,11 +18,14 @@ from sct.config import ConfigError, from_dict, to_dict
 from sct.decode import latent_entry
 from sct.dist import DistConfig
 from sct.ema import EMAConfig
+from sct.eval_training import check_eval
+from sct.evaluate import EvalConfig
 from sct.guidance import GUIDANCE_KEYS, check_guidance, check_teacher_guidance
 from sct.loop import LoopConfig
 from sct.models.dit import DiTConfig, build_dit
 from sct.models.mlp import MLPConfig, build_mlp
 from sct.models.precond import EDMConsistency, EDMConsistencyConfig, TrigFlow, TrigFlowConfig
+from sct.models.speed import channels_last
 from sct.models.unet import UNetConfig, build_unet
 from sct.objectives.diffusion import DiffusionConfig, TrigFlowDiffusion
 from sct.objectives.ict import ICT, ICTConfig
@@ -40,6 +44,9 @@ class ModelConfig:
     backbone: UNetConfig | DiTConfig | MLPConfig = field(default_factory=UNetConfig)
     precond: TrigFlowConfig | EDMConsistencyConfig = field(default_factory=TrigFlowConfig)
     init_from: str = ""  # inference snapshot whose weights start the run (sCM starts sCD/sCT from the TrigFlow teacher)
+    channels_last: bool = False  # convolutions in NHWC memory format (sct.models.speed)
+    compile: Literal["none", "backbone"] = "none"  # torch.compile of the backbone's gradient forward/backward (sct.models.speed)
+    compile_backend: str = "inductor"  # torch.compile backend ("aot_eager": no code generation, for tests)
 
 
 @dataclass
@@ -53,6 +60,7 @@ class TrainConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # metrics during training (sct.eval_training)
 
     def check(self) -> None:
         wanted = PARAMETERIZATION_OF[self.objective.name]
@@ -69,6 +77,7 @@ class TrainConfig:
             raise ConfigError("sampling.method", f"objective '{self.objective.name}' samples with method '{'ode' if self.objective.name == 'diffusion' else 'consistency'}'")
         if self.sampling.vae and not isinstance(self.data, ShardDataConfig):
             raise ConfigError("sampling.vae", "only latent shard data (python -m pipelines.encode) is decoded through a VAE")
+        check_eval(self.eval, shape)
         if self.sampling.guidance != 1.0 and classes == 0:
             raise ConfigError("sampling.guidance", "classifier-free guidance needs class-conditional data")
         check_guidance(self)
@@ -77,9 +86,8 @@ class TrainConfig:
 def build_model(cfg: ModelConfig) -> nn.Module:
     """precond(backbone) from the model config."""
     backbone = BACKBONES[cfg.backbone.name](cfg.backbone)
-    if cfg.precond.name == "trigflow":
-        return TrigFlow(backbone, cfg.precond)
-    return EDMConsistency(backbone, cfg.precond)
+    net = TrigFlow(backbone, cfg.precond) if cfg.precond.name == "trigflow" else EDMConsistency(backbone, cfg.precond)
+    return channels_last(net) if cfg.channels_last else net
 
 
 def init_from_snapshot(net: nn.Module, path: str) -> None:
@@ -121,7 +129,7 @@ def build_objective(cfg: TrainConfig) -> nn.Module:
         fits = partial(check_teacher, path=obj.teacher, shape=data_shape(cfg.data), classes=num_classes(cfg.data))
         teacher, stored = load_snapshot_model(obj.teacher, "objective.teacher", check=fits)  # a TrigFlow model: checked
         check_teacher_guidance(obj, stored)
-        return SCM(obj, precond.sigma_data, TeacherVelocity(teacher, obj.guidance_scale))
+        return SCM(obj, precond.sigma_data, TeacherVelocity(teacher))  # SCM sets the guidance from obj.guidance_scale
     return SCM(obj, precond.sigma_data, DataVelocity())
 
 

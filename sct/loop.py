@@ -95,6 +95,8 @@ class Parts:
     flops_per_sample: float | None = None  # one training step (forward, JVP, teacher, backward)
     trackers: Callable[[int], list] | None = None  # start step -> tracking sinks (sct.tracking.open_sinks); rank 0
     peak_flops: float | None = None  # per device; None: no MFU (CPU)
+    evaluate: Callable[[nn.Module, int], None] | None = None  # EMA model, step -> metrics (sct.eval_training); every rank
+    eval_every: int = 0
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -202,6 +204,34 @@ def _tick_record(cfg: LoopConfig, parts: Parts, done: int, steps: int, seconds: 
     return record
 
 
+def step_autocast(cfg: LoopConfig, parts: Parts, device: torch.device) -> torch.autocast:
+    """bf16 autocast of the objective (a no-op under fp32)."""
+    # ZeRO-3 frees gathered weights after each module: autocast's cache of their bf16 copies would go stale
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16", cache_enabled=parts.dist.zero_stage != 3)
+
+
+def train_step(cfg: LoopConfig, parts: Parts, step: int, device: torch.device, autocast: torch.autocast) -> bool:
+    """One optimizer step (grad_accum micro-batches, engine step, EMA), timed into sections
+    data/objective/backward/optimizer/ema; returns False when the engine skipped a non-finite step."""
+    torch.manual_seed(step_seed(cfg.seed, step, parts.dist.rank))
+    parts.net.train()
+    for _ in range(cfg.grad_accum):
+        with stats.timed("data"):
+            batch = {k: v.to(device, non_blocking=True) for k, v in next(parts.data).items()}
+        with autocast, stats.timed("objective"):
+            loss = parts.objective(parts.net, batch, step)
+        stats.report("loss", loss.detach())
+        with stats.timed("backward"):
+            parts.engine.backward(loss.mean())
+    with stats.timed("optimizer"):
+        took = parts.engine.step(parts.lr(step))
+    stats.report("grad_norm", parts.engine.last_grad_norm)  # global, before clipping; non-finite ones are counted
+    if took:
+        with stats.timed("ema"):
+            parts.ema.update(parts.net, step)
+    return took
+
+
 def _data_counters(stream) -> dict:
     """The streams' retry, bad-shard and skipped-sample counts since this job started, over all ranks (a collective)."""
     if not hasattr(stream, "counters"):
@@ -225,29 +255,13 @@ def run(cfg: LoopConfig, parts: Parts, run_dir: Path, device: torch.device, resu
     stop = cfg.total_steps if not cfg.max_steps_per_job else min(cfg.total_steps, start + cfg.max_steps_per_job)
     metrics = stats.JSONLWriter(run_dir / "metrics.jsonl", parts.dist.rank)
     progress = stats.Progress(cfg.total_steps, start)
-    # ZeRO-3 frees gathered weights after each module: autocast's cache of their bf16 copies would go stale
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16", cache_enabled=parts.dist.zero_stage != 3)
+    autocast = step_autocast(cfg, parts, device)
     stats.set_sync(torch.cuda.synchronize if device.type == "cuda" else None)
     stats.collect_times()
     stats.collect()  # drop what was reported before step 0 (the FLOP probe's objective call)
     tick_start, tick_step = time.monotonic(), start
     for step in range(start, stop):
-        torch.manual_seed(step_seed(cfg.seed, step, parts.dist.rank))
-        parts.net.train()
-        for _ in range(cfg.grad_accum):
-            with stats.timed("data"):
-                batch = {k: v.to(device, non_blocking=True) for k, v in next(parts.data).items()}
-            with autocast, stats.timed("objective"):
-                loss = parts.objective(parts.net, batch, step)
-            stats.report("loss", loss.detach())
-            with stats.timed("backward"):
-                parts.engine.backward(loss.mean())
-        with stats.timed("optimizer"):
-            took = parts.engine.step(parts.lr(step))
-        stats.report("grad_norm", parts.engine.last_grad_norm)  # global, before clipping; non-finite ones are counted
-        if took:
-            with stats.timed("ema"):
-                parts.ema.update(parts.net, step)
+        if train_step(cfg, parts, step, device, autocast):
             counters["in_a_row"] = 0
         else:
             counters["skipped"] += 1
@@ -273,9 +287,12 @@ def run(cfg: LoopConfig, parts: Parts, run_dir: Path, device: torch.device, resu
             tick_start, tick_step = time.monotonic(), done
         last = done == cfg.total_steps
         snap, grid = done % cfg.snapshot_every == 0 or last, done % cfg.sample_every == 0 or last
-        model = _ema_model(parts.ema) if snap or grid else None
+        evaluate = parts.evaluate is not None and (done % parts.eval_every == 0 or last)
+        model = _ema_model(parts.ema) if snap or grid or evaluate else None
         if snap:
             _snapshot(run_dir, done, parts, model)
+        if evaluate:
+            parts.evaluate(model, done)
         if not grid or parts.dist.rank != 0:
             model = None  # only rank 0 draws, and only after the checkpoint
         preempted = parts.preempt is not None and parts.preempt.requested_anywhere(device)

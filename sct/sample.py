@@ -3,7 +3,8 @@
 Reads only the snapshot (EMA weights + model and sampling config). Writes a PNG grid (images; latents
 decoded through the VAE the snapshot names, or `--vae`, else a per-channel preview: sct.decode) or a
 scatter plot (2-D points) and `samples.pt` (tensor + seeds + labels; latents stay latents there). Sample i
-uses seed `--seed + i`, so any subset can be regenerated exactly, whatever the batch size. `--guidance W` sets the CFG scale of a
+uses seed `--seed + i`, so any subset can be regenerated exactly, whatever the batch size. `--export DIR` samples through an export
+folder's standalone sampler instead (`python -m sct.export`), with the same seeds, labels and outputs. `--guidance W` sets the CFG scale of a
 diffusion snapshot's ODE, or the scale input of a guidance-conditioned consistency student (objective.guidance_max).
 A bad option or snapshot (missing, not an sct snapshot, --num/--steps/--batch < 1, --label outside the
 snapshot's classes) exits 2 naming it.
@@ -42,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     from sct.experiment import load_snapshot_model
 
     p = argparse.ArgumentParser(prog="python -m sct.sample", description=__doc__.splitlines()[0])
-    p.add_argument("--snapshot", type=Path, required=True, help="snapshot_*.safetensors written by sct.train")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--snapshot", type=Path, help="snapshot_*.safetensors written by sct.train")
+    src.add_argument("--export", type=Path, help="a folder written by `python -m sct.export` (its standalone sampler.py)")
     p.add_argument("--steps", type=int, default=2, help="consistency steps (or ODE intervals for a diffusion snapshot)")
     p.add_argument("--num", type=int, default=100)
     p.add_argument("--out", type=Path, required=True)
@@ -60,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--guidance must be a finite number, got {args.guidance}")
     if args.out.exists() and not args.out.is_dir():
         p.error(f"--out {args.out} exists and is not a folder")
+    if args.export is not None:
+        from sct.export import sample_export_cli
+
+        return sample_export_cli(args)
     try:
         net, stored = load_snapshot_model(args.snapshot, "--snapshot")
         sampling = from_dict(SamplingConfig, stored.get("sampling", {}), source=str(args.snapshot))

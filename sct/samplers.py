@@ -121,6 +121,10 @@ def generate(net: nn.Module, cfg: SamplingConfig, steps: int, shape: Sequence[in
     """Samples of `net` by the configured method: `steps` consistency steps or ODE intervals."""
     if cfg.method == "ode":
         return ode_sample(net, seeds, shape, labels, steps=steps, solver=cfg.solver, guidance=cfg.guidance, device=device)
-    mids = cfg.mids if cfg.mids is not None and steps == max(cfg.steps) else None
     guidance = cfg.guidance if cfg.guidance != 1.0 else None  # a guidance-conditioned student's input
-    return consistency_sample(net, seeds, shape, labels, mids_for_steps(net, steps, mids), device=device, guidance=guidance)
+    return consistency_sample(net, seeds, shape, labels, configured_mids(net, cfg, steps), device=device, guidance=guidance)
+
+
+def configured_mids(net: nn.Module, cfg: SamplingConfig, steps: int) -> list[float]:
+    """The intermediate σ/t `generate` uses for `steps`: the configured ones for the largest step count, else the default."""
+    return mids_for_steps(net, steps, cfg.mids if cfg.mids is not None and steps == max(cfg.steps) else None)

@@ -1,6 +1,6 @@
 """Training entry point, alike under every launcher:
 
-    python -m sct.train --config configs/demo_cpu.yaml [key=value ...] [--dry-run [--world-size N]]
+    python -m sct.train --config configs/demo_cpu.yaml [key=value ...] [--dry-run [--world-size N] [--gpu-memory-gib 80]]
     torchrun --nproc_per_node 8 sct/train.py --config X.yaml dist.engine=deepspeed dist.zero_stage=3
     deepspeed sct/train.py --config X.yaml                       (DS_ACCELERATOR=cpu on a CPU host)
 
@@ -34,10 +34,11 @@ from sct.config import ConfigError, parse_cli, save_yaml, to_yaml
 from sct.decode import Pictures
 from sct.dist.ema_sharded import ShardedEMA
 from sct.dist.engine import DeepSpeedEngine, TorchEngine
-from sct.dist.flops import peak_flops, step_flops_per_sample, zero_model_state_bytes
+from sct.dist.flops import lowest_zero_stage, peak_flops, step_flops_per_sample, zero_model_state_bytes
 from sct.dist.preempt import EXIT_PREEMPTED, Preemption, StartupPreempted
 from sct.ema import EMA
 from sct.estimate import activation_line, model_line
+from sct.eval_training import build_training_eval
 from sct.experiment import (
     TrainConfig,
     build_model,
@@ -46,8 +47,10 @@ from sct.experiment import (
     init_from_snapshot,
     snapshot_config,
 )
+from sct.models import speed
 from sct.optim import build_optimizer, lr_at
 from sct.sample import write_grids
+from sct.supervise import reports_exit
 from sct.tracking import open_sinks
 
 
@@ -55,7 +58,7 @@ def _size(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def dry_run(cfg: TrainConfig, world: int) -> None:
+def dry_run(cfg: TrainConfig, world: int, gpu_memory_gib: float | None = None) -> None:
     print(to_yaml(cfg), end="")
     with torch.device("meta"):
         n = count_parameters(build_model(cfg.model).backbone)
@@ -69,8 +72,38 @@ def dry_run(cfg: TrainConfig, world: int) -> None:
     print(activation_line(cfg, max(1, cfg.run.batch_size // (cfg.run.grad_accum * world))))
     if cfg.ema.posthoc.sigma_rels:  # each profile is one more fp32 EMA, sharded like the EMA under ZeRO-3
         print(f"# post-hoc EMA: {len(cfg.ema.posthoc.sigma_rels)} profiles, {_size(4 * n / (world if stage == 3 else 1))} per GPU each, {_size(4 * n)} per stored file")
+    if gpu_memory_gib:
+        print(zero_advice(n, frozen, world, gpu_memory_gib, extra_bytes=4 * n * len(cfg.ema.posthoc.sigma_rels)))
 
 
+def zero_advice(n: int, frozen: int, world: int, gpu_memory_gib: float, extra_bytes: float = 0.0) -> str:
+    """`--gpu-memory-gib`: the lowest ZeRO stage whose model states (+ `extra_bytes` per GPU: post-hoc EMA profiles,
+    counted unsharded) fit the GPU, and what it leaves for activations."""
+    stage, mem = lowest_zero_stage(n, world, gpu_memory_gib * 2**30 - extra_bytes, n_frozen=frozen)
+    mem = {**mem, "total": mem["total"] + extra_bytes}
+    if stage is None:
+        return f"# no ZeRO stage fits {gpu_memory_gib:g} GiB per GPU on {world} ranks (ZeRO-3 needs {_size(mem['total'])}): add ranks"
+    return (f"# recommended: dist.zero_stage={stage} (lowest stage whose model states fit {gpu_memory_gib:g} GiB per GPU on {world} ranks: "
+            f"{_size(mem['total'])}, leaving {_size(gpu_memory_gib * 2**30 - mem['total'])} for activations; "
+            "measure them with python -m sct.bench step)")
+
+
+def build_engine(cfg: TrainConfig, net: nn.Module, objective: nn.Module, d: dist.Dist) -> tuple[object, object]:
+    """(engine, EMA) for the config's dist section: TorchEngine + EMA, or DeepSpeed ZeRO 0-3 (+ ShardedEMA under ZeRO-3)."""
+    module = nn.ModuleDict({"net": net, "objective": objective})
+    optimizer = build_optimizer(cfg.optimizer, module.parameters())
+    if cfg.dist.engine == "deepspeed":
+        ema = EMA(net, cfg.ema) if cfg.dist.zero_stage < 3 else None  # before DeepSpeed casts or partitions
+        ds_cfg = dist.ds_config(cfg.dist, batch_size=cfg.run.batch_size, grad_accum=cfg.run.grad_accum, world_size=d.world_size,
+                                grad_clip=cfg.optimizer.grad_clip)
+        engine = DeepSpeedEngine(dist.build_deepspeed_engine(module, optimizer, ds_cfg), cfg.run.grad_accum)
+        ema = ema or ShardedEMA(net, cfg.ema, make_model=lambda: build_model(cfg.model).to(d.device))
+    else:
+        engine, ema = TorchEngine(module, optimizer, cfg.optimizer.grad_clip, cfg.run.grad_accum), EMA(net, cfg.ema)
+    return engine, ema
+
+
+@reports_exit  # the status, for a supervisor above the launcher (sct.supervise); also as the sct-train script
 def main(argv: list[str] | None = None) -> int:
     preempt = Preemption().install()  # first of all: a signal during start-up exits 75 too (StartupPreempted)
     try:
@@ -85,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None, preempt: Preemption) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--world-size", type=int, default=None, help="--dry-run: ranks for the memory estimate (default $WORLD_SIZE or 1)")
+    parser.add_argument("--gpu-memory-gib", type=float, default=None, help="--dry-run: recommend the lowest ZeRO stage whose model states fit this")
     parser.add_argument("--restart-if-no-valid-checkpoint", action="store_true",
                         help="when run.dir has checkpoints but none is valid, move them aside and start at step 0 (default: refuse, status 6)")
     try:
@@ -92,7 +126,7 @@ def _main(argv: list[str] | None, preempt: Preemption) -> int:
         if args.world_size is not None and args.world_size < 1:
             raise ConfigError("--world-size", f"must be >= 1, got {args.world_size}")
         if args.dry_run:
-            dry_run(cfg, args.world_size or dist.launcher_world_size())
+            dry_run(cfg, args.world_size or dist.launcher_world_size(), args.gpu_memory_gib)
             return 0
         startup.check_device(cfg.run.device)
         d = dist.init(cfg.dist, cfg.run.device)
@@ -121,6 +155,7 @@ def _train(cfg: TrainConfig, args, d: dist.Dist, preempt: Preemption, on_exit: c
         if cfg.model.init_from:
             init_from_snapshot(net, cfg.model.init_from)
         objective = build_objective(cfg).to(device)
+        evaluator = build_training_eval(cfg, snapshot_config(cfg), run_dir, device, d.rank)
     except ConfigError as e:
         print(f"config error: {args.config}: {e}", file=sys.stderr)
         return 2
@@ -143,18 +178,10 @@ def _train(cfg: TrainConfig, args, d: dist.Dist, preempt: Preemption, on_exit: c
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.run.precision == "bf16"):
         flops = step_flops_per_sample(objective, net, probe, 0)
     torch.manual_seed(cfg.run.seed)
-    module = nn.ModuleDict({"net": net, "objective": objective})
-    optimizer = build_optimizer(cfg.optimizer, module.parameters())
-    if cfg.dist.engine == "deepspeed":
-        ema = EMA(net, cfg.ema) if cfg.dist.zero_stage < 3 else None  # before DeepSpeed casts or partitions
-        ds_cfg = dist.ds_config(cfg.dist, batch_size=cfg.run.batch_size, grad_accum=cfg.run.grad_accum, world_size=d.world_size,
-                                grad_clip=cfg.optimizer.grad_clip)
-        engine = DeepSpeedEngine(dist.build_deepspeed_engine(module, optimizer, ds_cfg), cfg.run.grad_accum)
-        ema = ema or ShardedEMA(net, cfg.ema, make_model=lambda: build_model(cfg.model).to(device))
-    else:
-        engine, ema = TorchEngine(module, optimizer, cfg.optimizer.grad_clip, cfg.run.grad_accum), EMA(net, cfg.ema)
+    engine, ema = build_engine(cfg, net, objective, d)
     snap_cfg = snapshot_config(cfg, getattr(data, "manifest", None))  # a shard stream carries its manifest
     ema = phema.attach(ema, net, cfg.ema.posthoc, run_dir / "phema", snap_cfg, d.rank, cfg.run.total_steps)
+    speed.finish([net, objective], cfg.model, cfg.dist.engine)  # after the EMA copy and the engine
     teacher = getattr(getattr(objective, "velocity", None), "teacher", None)
     if teacher is not None:
         stats.time_module(teacher, "teacher")
@@ -173,6 +200,8 @@ def _train(cfg: TrainConfig, args, d: dist.Dist, preempt: Preemption, on_exit: c
         config_text=to_yaml(cfg),
         flops_per_sample=flops,
         peak_flops=peak_flops(device, cfg.run.precision),
+        evaluate=evaluator,
+        eval_every=cfg.eval.every,
         trackers=partial(open_sinks, cfg.tracking, run_dir, config_text=to_yaml(cfg)) if d.rank == 0 else None,
     )
     preempt.defer()  # from here a signal waits for the next step boundary and its checkpoint

@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ("jvp", "dist", "step")
+BENCHMARKS = ("jvp", "dist", "step", "sample")
 
 
 def main(argv: list[str]) -> int:

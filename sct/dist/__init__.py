@@ -2,9 +2,9 @@
 
 The only module that imports deepspeed (lazily, after DS_ACCELERATOR is settled). Owns:
 - `DistConfig` (the `dist:` section): engine "torch" (one process) or "deepspeed" (ZeRO stage 0-3).
-- `init(cfg, device)`: works under `deepspeed`, `torchrun` (env RANK/WORLD_SIZE/...) and plain
-  `python` (a single-rank group on a free loopback port, so ZeRO code paths run unchanged).
-  NCCL on GPU, gloo on CPU.
+- `init(cfg, device)`: works under `deepspeed`, `torchrun` (env RANK/WORLD_SIZE/...), `srun` alone
+  (SLURM_PROCID/..., read by `sct.dist.launcher`) and plain `python` (a single-rank group on a free
+  loopback port, so ZeRO code paths run unchanged). NCCL on GPU, gloo on CPU.
 - `ds_config(...)`: the DeepSpeed JSON generated from the sct config. Clipping is always explicit
   (DeepSpeed's default would clip at 1.0); the LR comes from our pure `lr_at`, set on every step;
   bf16 is autocast with fp32 weights (see `ds_config`).
@@ -23,7 +23,7 @@ import argparse
 import os
 import shutil
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Literal
@@ -34,6 +34,7 @@ from loguru import logger
 from torch import nn
 
 from sct.config import ConfigError
+from sct.dist import launcher
 
 
 @dataclass
@@ -66,7 +67,7 @@ class Dist:
 
 
 def launcher_world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return launcher.world_size()
 
 
 def _free_port() -> int:
@@ -94,12 +95,14 @@ def init(cfg: DistConfig, device_name: str) -> Dist:
             raise ConfigError("dist.engine", f"{world} processes were launched: set dist.engine: deepspeed (ZeRO 0-3) for data parallelism")
         device = torch.device("cuda" if device_name == "auto" and torch.cuda.is_available() else ("cpu" if device_name == "auto" else device_name))
         return Dist(device=device)
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
-        os.environ.setdefault(key, value)  # plain `python`: a single-rank group instead of an MPI lookup
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    local_rank = int(os.environ["LOCAL_RANK"])
+    launch = launcher.from_env()
+    if launch.kind == "single":  # plain `python`: a single-rank group instead of an MPI lookup
+        launch = replace(launch, master_addr="127.0.0.1", master_port=_free_port())
+    launcher.export(launch)  # srun alone: torch's env:// variables from SLURM's
+    local_rank = launch.local_rank
     use_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    # srun's GPU binding may leave one visible device per task: the local rank modulo what is visible
+    device = torch.device("cuda", local_rank % torch.cuda.device_count()) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if use_cuda else "gloo")

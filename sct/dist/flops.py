@@ -4,6 +4,7 @@
   backward on a plain (unsharded) module: the forward, the JVP's tangent ops (forward-mode AD
   dispatches them as aten ops, so they are counted, not estimated), the teacher and the backward.
 - `PEAK_FLOPS`: dense peak FLOP/s per device by name and precision; MFU is None on CPU or unknown GPUs.
+- `lowest_zero_stage(n, world, gpu_bytes, n_frozen)`: the lowest stage whose model states fit a GPU (`--dry-run --gpu-memory-gib`).
 - `zero_model_state_bytes(n, stage, world, ...)`: DeepSpeed's ZeRO formula (Rajbhandari et al. 2020):
   "bf16" (DeepSpeed mixed precision) keeps 2 (params) + 2 (grads) + 12 (fp32 master, Adam m and v)
   bytes per parameter, "fp32" (ours: bf16 compute is autocast) 4 + 4 + 8; stage 1 partitions the
@@ -57,3 +58,15 @@ def zero_model_state_bytes(n_params: int, stage: int, world: int, precision: str
     }
     parts["total"] = sum(parts.values())
     return parts
+
+
+def lowest_zero_stage(n_params: int, world: int, gpu_bytes: float, n_frozen: int = 0) -> tuple[int | None, dict[str, float]]:
+    """The lowest ZeRO stage whose model states (our fp32 weights/grads/Adam + EMA + frozen teacher) fit in
+    `gpu_bytes` per GPU, with its `zero_model_state_bytes` parts; (None, ZeRO-3's parts) when none fits.
+    Lower stages communicate less: ZeRO-1/2 move what data parallelism moves, ZeRO-3 gathers every weight
+    in every pass (forward, JVP, backward)."""
+    for stage in range(4):
+        mem = zero_model_state_bytes(n_params, stage, world, "fp32", n_frozen=n_frozen, ema_sharded=stage == 3)
+        if mem["total"] <= gpu_bytes:
+            return stage, mem
+    return None, mem

@@ -7,9 +7,10 @@ DeepSpeed init, a teacher load) can outlast the grace time before SIGKILL; the r
 EXIT_PREEMPTED = 75 (EX_TEMPFAIL, "try again later"): a launcher or an sbatch wrapper requeues on it,
 e.g. `srun python sct/train.py ...; [ $? -eq 75 ] && scontrol requeue $SLURM_JOB_ID`, or SLURM's
 `--signal=B:USR1@120` to get the signal before the time limit. Rerunning the same command resumes.
-Under torchrun / the deepspeed launcher each worker exits 75; the launcher reports its own failure
-code, and the rerun resumes all the same. Every rank must agree to stop: `requested_anywhere` takes
-the max of the flag over ranks (one scalar all-reduce per step).
+Under torchrun / the deepspeed launcher each worker exits 75 and the launcher reports its own status;
+`python -m sct.supervise -- LAUNCHER ...` (infra/ renders it) delivers the signal to every rank
+and exits 75 (see there); `install` registers the rank with it (`supervise.adopt`). Every rank must
+agree to stop: `requested_anywhere` takes the max of the flag over ranks (one all-reduce per step).
 
 Tests: `pytest tests/integration/test_distributed.py -k preempt`.
 """
@@ -19,8 +20,8 @@ import signal
 
 import torch
 
-from sct import exit_codes
-from sct.dist import all_reduce_max
+from sct import exit_codes, supervise
+from sct.dist import all_reduce_max, launcher
 
 EXIT_PREEMPTED = exit_codes.PREEMPTED
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -43,6 +44,7 @@ class Preemption:
     def install(self) -> "Preemption":
         for s in SIGNALS:
             self._previous[s] = signal.signal(s, self._handle)
+        supervise.adopt(under_launcher=launcher.from_env().kind != "single")
         return self
 
     def uninstall(self) -> None:

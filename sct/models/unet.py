@@ -11,8 +11,9 @@ adaptive double normalization (scale and shift: 2·C·E modulation weights a blo
 parameters than EDM2's published sizes), embedding and modulation in fp32 under autocast; attention has
 JVP paths (`sct.models.attention`). No BatchNorm: a sample never depends on the rest of its batch.
 Zero-initialised output conv, residual-branch convs and attention projections: a fresh net outputs 0.
-Activation checkpointing (`checkpointing: true`) recomputes each block in the backward pass; it applies
-to the gradient-carrying forward only, never inside `forward_ad_mode()` or under no_grad.
+Activation checkpointing (`checkpointing: true`) recomputes each block (or, with `checkpoint_min_resolution`,
+each block at that resolution or above: the 64x64 level holds most of EDM2's activations) in the backward
+pass; it applies to the gradient-carrying forward only, never inside `forward_ad_mode()` or under no_grad.
 Tests: `pytest tests/unit/test_unet.py tests/unit/test_presets.py`.
 """
 from __future__ import annotations
@@ -83,6 +84,7 @@ class UNetConfig:
     head_channels: int = 64  # channels per attention head (EDM2); one head if it does not divide the width
     jvp_attention: JVPAttention = "auto"  # attention kernel under forward_ad_mode() (sct.models.attention)
     checkpointing: bool = False  # activation checkpointing of every block in the gradient-carrying forward
+    checkpoint_min_resolution: int = 0  # with checkpointing: only blocks at resolutions >= this (0: all; 64: EDM2's 64x64 level)
 
     @property
     def num_groups(self) -> int:
@@ -130,6 +132,8 @@ class UNetConfig:
             raise ConfigError("fourier_scale", f"must be > 0, got {self.fourier_scale}")
         if self.head_channels < 1:
             raise ConfigError("head_channels", f"must be >= 1, got {self.head_channels}")
+        if self.checkpoint_min_resolution < 0:
+            raise ConfigError("checkpoint_min_resolution", f"must be >= 0, got {self.checkpoint_min_resolution}")
         if self.jvp_attention not in JVP_IMPLS:
             raise ConfigError("jvp_attention", f"must be one of {JVP_IMPLS}, got {self.jvp_attention!r}")
 
@@ -217,7 +221,7 @@ class ResBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int, cfg: UNetConfig, resolution: int, resample: str = "keep",
                  attn: bool = False, takes_skip: bool = False):
         super().__init__()
-        self.resample, self.takes_skip = resample, takes_skip
+        self.resample, self.takes_skip, self.res = resample, takes_skip, resolution  # resolution: the block's output
         self.norm1 = GroupNorm32(cfg.num_groups, in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.mod = Modulation(out_ch, emb_dim, cfg.num_groups, cfg.adaptive_double_norm)
@@ -277,6 +281,8 @@ class UNet(nn.Module):
                 ch = width
         assert not skip_ch
 
+        for block in [*self.enc, *self.mid, *self.dec]:
+            block.checkpointed = cfg.checkpointing and block.res >= cfg.checkpoint_min_resolution
         self.out_norm = GroupNorm32(cfg.num_groups, ch)
         self.out_conv = _zero(nn.Conv2d(ch, cfg.img_channels, 3, padding=1))
 
@@ -286,7 +292,11 @@ class UNet(nn.Module):
 
     def forward(self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None = None, guidance: Tensor | None = None) -> Tensor:
         emb = self.embed(noise_labels, class_labels, guidance)
-        run = block_runner(self.cfg.checkpointing)
+        checkpointed = block_runner(self.cfg.checkpointing)
+
+        def run(block, *args):
+            return checkpointed(block, *args) if block.checkpointed else block(*args)
+
         h = self.conv_in(x)
         skips = [h]
         for block in self.enc:

@@ -34,7 +34,10 @@ class SCTConfig:
     tangent_norm_c: float = 0.1  # g ← g / (‖g‖ + c); 0 disables normalization
     tangent_norm_per_dim: bool = False  # ‖g‖/sqrt(D), so c means the same at every resolution
     prior_weighting: bool = True  # w(t) = 1/(σd tan t)
-    adaptive_weighting: bool = True
+    # the log-variance head u(t), MATH §3: paper e^{-u}·w·m + u; decoupled w·sg(e^{-u})·m + e^{-u}·sg(m) + u
+    # (keeps the prior: the head learns ln E[m|t], not ln w + ln E[m|t]); off w·m. true/false: paper/off (older configs)
+    adaptive_weighting: Literal["paper", "decoupled", "off"] | bool = "paper"
+    adaptive_input: Literal["t", "log_sigma"] = "t"  # what the head sees: t, or ln(σd tan t) (flat features near π/2 otherwise)
     adaptive_hidden: int = 128
     tangent: Literal["jvp", "finite_difference"] = "jvp"
     fd_step: float = 1e-3  # h of the central difference in the tangent direction
@@ -48,6 +51,12 @@ class SCTConfig:
             raise ConfigError("tangent_norm_c", f"must be >= 0, got {self.tangent_norm_c}")
         if self.fd_step <= 0:
             raise ConfigError("fd_step", f"must be > 0, got {self.fd_step}")
+        if isinstance(self.adaptive_weighting, bool):  # the older boolean switch
+            self.adaptive_weighting = "paper" if self.adaptive_weighting else "off"
+        if self.adaptive_weighting not in ("paper", "decoupled", "off"):
+            raise ConfigError("adaptive_weighting", f"must be paper, decoupled or off, got {self.adaptive_weighting!r}")
+        if self.adaptive_input not in ("t", "log_sigma"):
+            raise ConfigError("adaptive_input", f"must be t or log_sigma, got {self.adaptive_input!r}")
 
 
 @dataclass
@@ -117,12 +126,13 @@ class DataVelocity(nn.Module):
 
 class TeacherVelocity(nn.Module):
     """sCD: dx_t/dt = σd F_teacher(x_t/σd, t), classifier-free guided (MATH §3) with the fixed scale, or with each
-    sample's own scale `guidance` [B] (guidance-conditioned student). The teacher is frozen."""
+    sample's own scale `guidance` [B] (guidance-conditioned student). The teacher is frozen. The fixed scale is
+    set by `SCM` from `SCDConfig.guidance_scale`, the one place it is configured."""
 
-    def __init__(self, teacher: nn.Module, guidance_scale: float = 1.0):
+    def __init__(self, teacher: nn.Module):
         super().__init__()
         self.teacher = teacher.eval().requires_grad_(False)
-        self.guidance_scale = guidance_scale
+        self.guidance_scale = 1.0
 
     @torch.no_grad()
     def forward(self, x0: Tensor, z: Tensor, x_t: Tensor, t: Tensor, labels: Tensor | None, guidance: Tensor | None = None) -> Tensor:
@@ -137,8 +147,13 @@ class SCM(nn.Module):
     def __init__(self, cfg: SCTConfig, sigma_data: float, velocity: nn.Module):
         super().__init__()
         self.cfg, self.sigma_data, self.velocity = cfg, sigma_data, velocity
+        self.weighting = {True: "paper", False: "off"}.get(cfg.adaptive_weighting, cfg.adaptive_weighting)  # a bool: older configs
+        if isinstance(velocity, TeacherVelocity):
+            velocity.guidance_scale = getattr(cfg, "guidance_scale", 1.0)
         self.tangent = jvp_tangent if cfg.tangent == "jvp" else functools.partial(finite_difference_tangent, fd_step=cfg.fd_step)
-        self.logvar = LogVarianceHead(cfg.adaptive_hidden) if cfg.adaptive_weighting else None
+        if self.weighting not in ("paper", "decoupled", "off"):
+            raise ValueError(f"adaptive_weighting must be paper, decoupled or off, got {cfg.adaptive_weighting!r}")
+        self.logvar = LogVarianceHead(cfg.adaptive_hidden) if self.weighting != "off" else None
 
     def forward(self, net: nn.Module, batch: dict, step: int) -> Tensor:
         x0 = hi(batch["x"])
@@ -173,10 +188,15 @@ class SCM(nn.Module):
                 norm = norm / math.sqrt(x0[0].numel())
             g = g / (bcast(norm, g) + self.cfg.tangent_norm_c)  # tangent normalization, MATH §3
         F = net(x_t, t, labels, guidance)
-        loss = per_sample_mean((F - F_minus - g).square())  # (1/D)‖F_θ − F⁻ − g‖²
-        if self.cfg.prior_weighting:
-            loss = loss / (sd * t.tan())  # w(t) = 1/(σd tan t)
+        m = per_sample_mean((F - F_minus - g).square())  # (1/D)‖F_θ − F⁻ − g‖²
+        return self.weighted(m, t)
+
+    def weighted(self, m: Tensor, t: Tensor) -> Tensor:
+        """Per-sample loss from the residual m by objective.adaptive_weighting (MATH §3), w(t) = 1/(σd tan t) or 1."""
+        w = 1 / (self.sigma_data * t.tan()) if self.cfg.prior_weighting else torch.ones_like(t)
         if self.logvar is None:
-            return loss
-        u = self.logvar(t).to(loss.dtype)
-        return torch.exp(-u) * loss + u  # adaptive weighting, MATH §3
+            return w * m
+        u = self.logvar(t if self.cfg.adaptive_input == "t" else torch.log(self.sigma_data * t.tan())).to(m.dtype)
+        if self.weighting == "paper":
+            return torch.exp(-u) * (w * m) + u  # e^{-u}·w·m + u
+        return w * torch.exp(-u).detach() * m + torch.exp(-u) * m.detach() + u  # decoupled: w·sg(e^{-u})·m + e^{-u}·sg(m) + u
