@@ -45,7 +45,7 @@ import webdataset as wds
 from loguru import logger
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipelines import s3
+from pipelines import s3, workers
 from pipelines.resume_map import ResumeMap, buffer_order, fresh_plan  # noqa: F401 - buffer_order: re-exported
 from pipelines.resume_map import rng as _rng
 from pipelines.shards import npy_load, read_manifest, sample_problem
@@ -324,6 +324,7 @@ class ShardStream:
         context = torch.multiprocessing.get_context(self.cfg.worker_start)
         if self.cfg.worker_start == "forkserver":
             context.set_forkserver_preload(["pipelines.stream"])  # imported once in the server, not per worker
+        workers.start_helpers(self.cfg.worker_start)  # preemption signals are the trainer's alone
         loader = DataLoader(ds, batch_size=None, num_workers=self.workers, prefetch_factor=self.cfg.prefetch_factor,
                             pin_memory=torch.cuda.is_available(), multiprocessing_context=context,
                             generator=torch.Generator().manual_seed(self.cfg.seed))  # not the global RNG: the loop seeds it per step

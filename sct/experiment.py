@@ -15,6 +15,7 @@ from torch import nn
 
 from pipelines.data import ArrayDataConfig, ShardDataConfig, data_shape, num_classes
 from sct.config import ConfigError, from_dict, to_dict
+from sct.decode import latent_entry
 from sct.dist import DistConfig
 from sct.ema import EMAConfig
 from sct.eval_training import check_eval
@@ -74,6 +75,8 @@ class TrainConfig:
             raise ConfigError("model.backbone.dim", f"data samples are {shape}, the MLP expects ({backbone.dim},)")
         if (self.sampling.method == "ode") != (self.objective.name == "diffusion"):
             raise ConfigError("sampling.method", f"objective '{self.objective.name}' samples with method '{'ode' if self.objective.name == 'diffusion' else 'consistency'}'")
+        if self.sampling.vae and not isinstance(self.data, ShardDataConfig):
+            raise ConfigError("sampling.vae", "only latent shard data (python -m pipelines.encode) is decoded through a VAE")
         check_eval(self.eval, shape)
         if self.sampling.guidance != 1.0 and classes == 0:
             raise ConfigError("sampling.guidance", "classifier-free guidance needs class-conditional data")
@@ -130,10 +133,12 @@ def build_objective(cfg: TrainConfig) -> nn.Module:
     return SCM(obj, precond.sigma_data, DataVelocity())
 
 
-def snapshot_config(cfg: TrainConfig) -> dict:
-    """What a snapshot needs besides weights: how to build the model, how to sample it, the sample shape."""
+def snapshot_config(cfg: TrainConfig, manifest: dict | None = None) -> dict:
+    """What a snapshot needs besides weights: how to build the model, how to sample it, the sample shape, and
+    for latent shards (`manifest`) how to decode samples: the latent statistics and the VAE (sct.decode)."""
     return {"model": to_dict(cfg.model), "sampling": to_dict(cfg.sampling), "shape": list(data_shape(cfg.data)),
-            "objective": to_dict(cfg.objective)}  # sct.snapshots.check_teacher (name), sct.guidance (label_dropout)
+            "objective": to_dict(cfg.objective),  # sct.snapshots.check_teacher (name), sct.guidance (label_dropout)
+            "latent": latent_entry(manifest, cfg.sampling.vae)}
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -1,4 +1,4 @@
-"""PNG files people look at: sample grids, 2-D point clouds, loss curves.
+"""PNG files people look at: sample grids, 2-D point clouds, loss curves (`plot_losses`: a run's loss.png).
 
 Plots use matplotlib's Agg canvas directly (`Figure` + `FigureCanvasAgg`, no pyplot), so they work
 headless and never touch the process-wide backend or pyplot's global figure state.
@@ -8,6 +8,7 @@ Tests: `pytest tests/unit/test_images.py`.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -91,13 +92,17 @@ def save_scatter(points: dict[str, np.ndarray | Tensor], path: Path, title: str 
 
 
 def save_curve(
-    series: dict[str, Sequence[float]], path: Path, title: str = "", logy: bool = False
+    series: dict[str, Sequence[float] | tuple[Sequence[float], Sequence[float]]], path: Path, title: str = "",
+    logy: bool = False, xlabel: str = "",
 ) -> None:
-    """Plot each series against its index (e.g. loss per tick) on one set of axes."""
+    """Plot each series on one set of axes: `ys` against its index, or an `(xs, ys)` pair (e.g. loss against step)."""
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot(1, 1, 1)
     for key, ys in series.items():
-        ax.plot(np.arange(len(ys)), np.asarray(ys, dtype=np.float64), label=key)
+        xs, ys = ys if isinstance(ys, tuple) else (np.arange(len(ys)), ys)
+        ax.plot(np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64), label=key)
+    if xlabel:
+        ax.set_xlabel(xlabel)
     if logy:
         ax.set_yscale("log")
     if title:
@@ -107,3 +112,12 @@ def save_curve(
     ax.grid(alpha=0.3)
     fig.tight_layout()
     _save(fig, path)
+
+
+def plot_losses(run_dir: Path) -> None:
+    """`run_dir/loss.png`: the loss of every tick in `metrics.jsonl` against its step (ticks of a resumed run included)."""
+    metrics = Path(run_dir) / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
+    ticks = [r for r in records if "loss" in r and "step" in r]
+    save_curve({"loss": ([r["step"] for r in ticks], [r["loss"] for r in ticks])}, Path(run_dir) / "loss.png",
+               title=f"{Path(run_dir).name}: loss per tick", xlabel="step")

@@ -33,6 +33,7 @@ from sct.checkpoint import (
 from sct.config import ConfigError
 from sct.dist import Dist, all_gather_objects, all_reduce_max, barrier
 from sct.dist.preempt import Preemption
+from sct.images import plot_losses
 
 
 @dataclass
@@ -166,6 +167,19 @@ def _snapshot(run_dir: Path, step: int, parts: Parts, model: nn.Module) -> Path:
     return path
 
 
+def _never_fatal(what: str, fn: Callable, *args) -> None:
+    """Pictures (sample grids, loss.png): any failure is one logged line, never the end of the run."""
+    try:
+        fn(*args)
+    except Exception as e:  # noqa: BLE001 - whatever broke a picture, training goes on
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        logger.error(f"{what}, training continues: {type(e).__name__}: {reason}")
+
+
+def _draw_samples(parts: Parts, model: nn.Module, stem: Path, step: int) -> None:
+    stats.publish_images(parts.write_samples(model, stem), step)  # PNG grids, then to the tracking sinks
+
+
 def _peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -211,6 +225,7 @@ def train_step(cfg: LoopConfig, parts: Parts, step: int, device: torch.device, a
             parts.engine.backward(loss.mean())
     with stats.timed("optimizer"):
         took = parts.engine.step(parts.lr(step))
+    stats.report("grad_norm", parts.engine.last_grad_norm)  # global, before clipping; non-finite ones are counted
     if took:
         with stats.timed("ema"):
             parts.ema.update(parts.net, step)
@@ -243,6 +258,7 @@ def run(cfg: LoopConfig, parts: Parts, run_dir: Path, device: torch.device, resu
     autocast = step_autocast(cfg, parts, device)
     stats.set_sync(torch.cuda.synchronize if device.type == "cuda" else None)
     stats.collect_times()
+    stats.collect()  # drop what was reported before step 0 (the FLOP probe's objective call)
     tick_start, tick_step = time.monotonic(), start
     for step in range(start, stop):
         if train_step(cfg, parts, step, device, autocast):
@@ -272,19 +288,22 @@ def run(cfg: LoopConfig, parts: Parts, run_dir: Path, device: torch.device, resu
         last = done == cfg.total_steps
         snap, grid = done % cfg.snapshot_every == 0 or last, done % cfg.sample_every == 0 or last
         evaluate = parts.evaluate is not None and (done % parts.eval_every == 0 or last)
-        if snap or grid or evaluate:
-            model = _ema_model(parts.ema)
-            if snap:
-                _snapshot(run_dir, done, parts, model)
-            if grid and parts.dist.rank == 0:
-                stats.publish_images(parts.write_samples(model, run_dir / "samples" / f"step_{done:09d}"), done)
-            if evaluate:
-                parts.evaluate(model, done)
-            del model
+        model = _ema_model(parts.ema) if snap or grid or evaluate else None
+        if snap:
+            _snapshot(run_dir, done, parts, model)
+        if evaluate:
+            parts.evaluate(model, done)
+        if not grid or parts.dist.rank != 0:
+            model = None  # only rank 0 draws, and only after the checkpoint
         preempted = parts.preempt is not None and parts.preempt.requested_anywhere(device)
         # on the cadence only healthy states; at a stop always (a skipped step changed no weight: resume stays exact)
         if (counters["in_a_row"] == 0 and done % cfg.checkpoint_every == 0) or done == stop or preempted:
             _checkpoint(run_dir, done, parts, counters, cfg.keep_checkpoints)
+            if parts.dist.rank == 0:
+                _never_fatal(f"step {done}: loss.png not written", plot_losses, run_dir)
+        if model is not None:  # after the checkpoint: a grid never costs the step it belongs to
+            _never_fatal(f"step {done}: sample grid failed", _draw_samples, parts, model, run_dir / "samples" / f"step_{done:09d}", done)
+            del model
         if preempted:
             raise Preempted(done)
     return stop

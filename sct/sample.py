@@ -1,8 +1,9 @@
 """Generate from an inference snapshot: `python -m sct.sample --snapshot PATH --steps 2 --num N --out DIR` (or `sct-sample`).
 
-Reads only the snapshot (EMA weights + model and sampling config). Writes a PNG grid (images) or a
-scatter plot (2-D points) and `samples.pt` (tensor + seeds + labels). Sample i uses seed `--seed + i`,
-so any subset can be regenerated exactly, whatever the batch size. `--export DIR` samples through an export
+Reads only the snapshot (EMA weights + model and sampling config). Writes a PNG grid (images; latents
+decoded through the VAE the snapshot names, or `--vae`, else a per-channel preview: sct.decode) or a
+scatter plot (2-D points) and `samples.pt` (tensor + seeds + labels; latents stay latents there). Sample i
+uses seed `--seed + i`, so any subset can be regenerated exactly, whatever the batch size. `--export DIR` samples through an export
 folder's standalone sampler instead (`python -m sct.export`), with the same seeds, labels and outputs. `--guidance W` sets the CFG scale of a
 diffusion snapshot's ODE, or the scale input of a guidance-conditioned consistency student (objective.guidance_max).
 A bad option or snapshot (missing, not an sct snapshot, --num/--steps/--batch < 1, --label outside the
@@ -16,24 +17,16 @@ import sys
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from tqdm import tqdm
 
 from sct.config import ConfigError, from_dict
-from sct.images import save_image_grid, save_scatter
+from sct.decode import Pictures
 from sct.samplers import SamplingConfig, generate, grid_labels
 
 
-def save_picture(x: Tensor, path: Path, label: str) -> None:
-    """Images [N, C, H, W] as a 10-wide grid, 2-D points as a scatter plot."""
-    if x.ndim == 4:
-        save_image_grid(x, path, nrow=10)
-    else:
-        save_scatter({label: x}, path)
-
-
-def write_grids(net: nn.Module, stem: Path, cfg: SamplingConfig, shape: tuple, classes: int, device=None) -> list[Path]:
-    """One picture per configured step count: `{stem}_{n}step.png` (the loop's sample cadence)."""
+def write_grids(net: nn.Module, stem: Path, cfg: SamplingConfig, shape: tuple, classes: int, pictures: Pictures, device=None) -> list[Path]:
+    """One picture per configured step count, 10 samples a row: `{stem}_{n}step.png` (the loop's sample cadence)."""
     seeds = range(cfg.seed, cfg.seed + cfg.num)
     labels = grid_labels(cfg.num, classes)
     labels = labels.to(device) if labels is not None else None
@@ -41,7 +34,7 @@ def write_grids(net: nn.Module, stem: Path, cfg: SamplingConfig, shape: tuple, c
     for steps in cfg.steps:
         x = generate(net, cfg, steps, shape, seeds, labels, device).cpu()
         path = Path(f"{stem}_{steps}step.png")
-        save_picture(x, path, f"{steps}-step")
+        pictures.save(x, path, f"{steps}-step", nrow=10)
         paths.append(path)
     return paths
 
@@ -61,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--label", type=int, default=None, help="class of every sample (default: one class per row of 10)")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale: of the ODE, or the input of a guidance-conditioned consistency student")
+    p.add_argument("--vae", default=None, help="AutoencoderKL (hub name or folder) for latent snapshots (default: the one the snapshot records)")
     args = p.parse_args(argv)
     for name in ("steps", "num", "batch"):
         if getattr(args, name) < 1:
@@ -103,7 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     torch.save({"samples": x, "seeds": list(range(args.seed, args.seed + args.num)), "labels": labels}, args.out / "samples.pt")
     picture = args.out / f"samples_{args.steps}step.png"
-    save_picture(x, picture, f"{args.steps}-step")
+    latent = stored.get("latent")
+    if latent is not None and args.vae is not None:
+        latent = {**latent, "vae": args.vae}
+    Pictures(latent, device).save(x, picture, f"{args.steps}-step", nrow=10)
     print(f"wrote {args.num} samples to {args.out / 'samples.pt'} and {picture}")
     return 0
 

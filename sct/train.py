@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 from functools import partial
 from pathlib import Path
@@ -32,11 +31,13 @@ from torch import nn
 from pipelines.data import build_stream, data_shape, num_classes
 from sct import dist, exit_codes, loop, phema, run_folder, startup, stats
 from sct.config import ConfigError, parse_cli, save_yaml, to_yaml
+from sct.decode import Pictures
 from sct.dist.ema_sharded import ShardedEMA
 from sct.dist.engine import DeepSpeedEngine, TorchEngine
 from sct.dist.flops import lowest_zero_stage, peak_flops, step_flops_per_sample, zero_model_state_bytes
 from sct.dist.preempt import EXIT_PREEMPTED, Preemption, StartupPreempted
 from sct.ema import EMA
+from sct.estimate import activation_line, model_line
 from sct.eval_training import build_training_eval
 from sct.experiment import (
     TrainConfig,
@@ -46,17 +47,11 @@ from sct.experiment import (
     init_from_snapshot,
     snapshot_config,
 )
-from sct.images import save_curve
 from sct.models import speed
 from sct.optim import build_optimizer, lr_at
 from sct.sample import write_grids
 from sct.supervise import reports_exit
 from sct.tracking import open_sinks
-
-
-def plot_losses(run_dir: Path) -> None:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    save_curve({"loss": [r["loss"] for r in records if "loss" in r]}, run_dir / "loss.png", title=f"{run_dir.name}: loss per tick")
 
 
 def _size(n: float) -> str:
@@ -67,13 +62,14 @@ def dry_run(cfg: TrainConfig, world: int, gpu_memory_gib: float | None = None) -
     print(to_yaml(cfg), end="")
     with torch.device("meta"):
         n = count_parameters(build_model(cfg.model).backbone)
-    print(f"# backbone parameters: {n:,}")
+    print(model_line(cfg.model.backbone, n))
     stage = cfg.dist.zero_stage if cfg.dist.engine == "deepspeed" else 0
     frozen = n if cfg.objective.name == "scd" else 0
     mem = zero_model_state_bytes(n, stage, world, "fp32", n_frozen=frozen, ema_sharded=stage == 3)  # bf16 = autocast: states stay fp32
     parts = ", ".join(f"{k} {_size(v)}" for k, v in mem.items() if k != "total")
     print(f"# model states per GPU, ZeRO-{stage} on {world} ranks (fp32 weights, grads, Adam): {_size(mem['total'])} ({parts})"
-          + ("; sCD teacher taken as the student's size" if frozen else "") + "; activations not included")
+          + ("; sCD teacher taken as the student's size" if frozen else ""))
+    print(activation_line(cfg, max(1, cfg.run.batch_size // (cfg.run.grad_accum * world))))
     if cfg.ema.posthoc.sigma_rels:  # each profile is one more fp32 EMA, sharded like the EMA under ZeRO-3
         print(f"# post-hoc EMA: {len(cfg.ema.posthoc.sigma_rels)} profiles, {_size(4 * n / (world if stage == 3 else 1))} per GPU each, {_size(4 * n)} per stored file")
     if gpu_memory_gib:
@@ -183,7 +179,8 @@ def _train(cfg: TrainConfig, args, d: dist.Dist, preempt: Preemption, on_exit: c
         flops = step_flops_per_sample(objective, net, probe, 0)
     torch.manual_seed(cfg.run.seed)
     engine, ema = build_engine(cfg, net, objective, d)
-    ema = phema.attach(ema, net, cfg.ema.posthoc, run_dir / "phema", snapshot_config(cfg), d.rank, cfg.run.total_steps)
+    snap_cfg = snapshot_config(cfg, getattr(data, "manifest", None))  # a shard stream carries its manifest
+    ema = phema.attach(ema, net, cfg.ema.posthoc, run_dir / "phema", snap_cfg, d.rank, cfg.run.total_steps)
     speed.finish([net, objective], cfg.model, cfg.dist.engine)  # after the EMA copy and the engine
     teacher = getattr(getattr(objective, "velocity", None), "teacher", None)
     if teacher is not None:
@@ -195,8 +192,9 @@ def _train(cfg: TrainConfig, args, d: dist.Dist, preempt: Preemption, on_exit: c
         ema=ema,
         data=data,
         lr=partial(lr_at, cfg.optimizer, total_steps=cfg.run.total_steps),
-        snapshot_config=snapshot_config(cfg),
-        write_samples=partial(write_grids, cfg=cfg.sampling, shape=data_shape(cfg.data), classes=num_classes(cfg.data), device=device),
+        snapshot_config=snap_cfg,
+        write_samples=partial(write_grids, cfg=cfg.sampling, shape=data_shape(cfg.data), classes=num_classes(cfg.data),
+                              pictures=Pictures(snap_cfg["latent"], device), device=device),
         dist=d,
         preempt=preempt,
         config_text=to_yaml(cfg),
@@ -220,8 +218,6 @@ def _train(cfg: TrainConfig, args, d: dist.Dist, preempt: Preemption, on_exit: c
         return status
     finally:
         stats.close_sinks()
-    if d.rank == 0:
-        plot_losses(run_dir)
     logger.info(f"stopped at step {reached}/{cfg.run.total_steps}; outputs in {run_dir}")
     return 0
 

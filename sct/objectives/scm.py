@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -180,8 +181,9 @@ class SCM(nn.Module):
         F_minus, dF = F_minus.to(x0.dtype), dF.to(x0.dtype)
         r = tangent_warmup(step, self.cfg.tangent_warmup_steps)
         g = -cos.square() * (sd * F_minus - dxdt) - r * (cos * sin * x_t + sd * dF)  # MATH §3 target direction
+        norm = g.flatten(1).norm(dim=1)
+        stats.report("tangent_norm", norm.detach())  # ‖g‖ per sample, before normalization
         if self.cfg.tangent_norm_c > 0:
-            norm = g.flatten(1).norm(dim=1)
             if self.cfg.tangent_norm_per_dim:
                 norm = norm / math.sqrt(x0[0].numel())
             g = g / (bcast(norm, g) + self.cfg.tangent_norm_c)  # tangent normalization, MATH §3

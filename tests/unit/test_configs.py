@@ -82,15 +82,20 @@ def test_scm_xl_512_dry_run_reads_neither_the_bucket_nor_the_teacher():
         build_objective(cfg)  # the one place the teacher file is opened, when a run starts
 
 
-@pytest.mark.parametrize(("path", "low", "high"), [("configs/sCM_xxl_512.yaml", 1.4e9, 1.7e9),  # XXL: 1523.4M published
-                                                   ("configs/sCT_xl_512.yaml", 1.0e9, 1.25e9),
-                                                   ("configs/diffusion_xl_512.yaml", 1.0e9, 1.25e9),
-                                                   ("configs/diffusion_xxl_512.yaml", 1.4e9, 1.7e9)])
-def test_other_512_configs_dry_run_offline(path, low, high, capsys, monkeypatch):
+XXL_NAMED, XL_NAMED = "the sCM paper's '1.5B' model: configs/sCM_xxl_512.yaml", "the sCM paper's XL (1.1B)"
+
+
+@pytest.mark.parametrize(("path", "low", "high", "named"), [("configs/sCM_xxl_512.yaml", 1.4e9, 1.7e9, XXL_NAMED),  # XXL: 1523.4M published
+                                                            ("configs/sCT_xl_512.yaml", 1.0e9, 1.25e9, XL_NAMED),
+                                                            ("configs/diffusion_xl_512.yaml", 1.0e9, 1.25e9, XL_NAMED),
+                                                            ("configs/diffusion_xxl_512.yaml", 1.4e9, 1.7e9, XXL_NAMED)])
+def test_other_512_configs_dry_run_offline(path, low, high, named, capsys, monkeypatch):
     for key, value in OFFLINE.items():
         monkeypatch.setenv(key, value)
     assert train.main(["--config", path, "--dry-run"]) == 0
-    assert low <= backbone_parameters(capsys.readouterr().out) <= high
+    out = capsys.readouterr().out
+    assert low <= backbone_parameters(out) <= high and named in out
+    assert re.search(r"# activations per GPU, estimated: [\d.]+ GiB at micro-batch \d+ ", out)
 
 
 @pytest.mark.parametrize(("override", "key"), [("data.shape=[4,32,32]", "model.backbone"),
