@@ -11,7 +11,8 @@
       -> configs/sCT_xl_512.yaml on 2 ranks: SIGTERM mid-run, resumed on 1 rank (another world size)
       -> python -m sct.sample --steps 2              (latents decoded through the VAE to RGB PNGs)
 
-SIGTERM goes to the launcher's whole process group, as SLURM and Kubernetes deliver it. Marked `e2e`:
+The deepspeed launches run under `python -m sct.supervise`, the top process of a pod or SLURM task, and
+SIGTERM goes to that top process only, as Kubernetes delivers it. Marked `e2e`:
 the default test command skips it and `.ci/run` runs it after the suite (`scripts/test.sh -m e2e`);
 about 6 minutes on the 2-core machine.
 """
@@ -60,7 +61,9 @@ def _port() -> int:
 
 
 def deepspeed(*args: str) -> list[str]:
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(_port()), "sct/train.py", *args]
+    """The deepspeed launcher under sct.supervise, as a pod's first process runs it (docs/launch.md)."""
+    return [sys.executable, "-m", "sct.supervise", "--", sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
+            "--master_port", str(_port()), "sct/train.py", *args]
 
 
 def run(cmd: list[str], log: Path, timeout: float = 600) -> int:
@@ -69,13 +72,13 @@ def run(cmd: list[str], log: Path, timeout: float = 600) -> int:
 
 
 def run_and_terminate(cmd: list[str], log: Path, metrics: Path, after_steps: int, timeout: float = 600) -> int:
-    """Start `cmd`, SIGTERM its whole process group once `metrics` holds `after_steps` records; its exit status."""
+    """Start `cmd`, SIGTERM its top process (as Kubernetes does) once `metrics` holds `after_steps` records; its exit status."""
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         end = time.monotonic() + timeout
         while proc.poll() is None and time.monotonic() < end:
             if metrics.exists() and len(metrics.read_text().splitlines()) >= after_steps:
-                os.killpg(proc.pid, signal.SIGTERM)
+                proc.send_signal(signal.SIGTERM)
                 break
             time.sleep(0.05)
         return proc.wait(timeout=max(1.0, end - time.monotonic()))
