@@ -218,16 +218,28 @@ def _every_rank(record) -> bool:
     return record["level"].no >= logger.level("ERROR").no or record["extra"].get("every_rank", False)
 
 
+_early: list[str] = []  # rank 0's lines logged before the run folder opened (start-up checks, data fallbacks)
+
+
 def setup_logging(run_dir: Path | None, rank: int = 0, level: str = "INFO") -> None:
     """Replace loguru's sinks: console (rank 0 at `level`, others WARNING+), run_dir/log.txt on rank 0; other
-    ranks add to log.txt only ERRORs (fatal reasons) and lines bound with `every_rank=True` (data-worker warnings)."""
+    ranks add to log.txt only ERRORs (fatal reasons) and lines bound with `every_rank=True` (data-worker warnings).
+    With no run_dir yet (start-up), rank 0's lines are also kept and written first into log.txt once it opens."""
     logger.remove()
     fmt = "{time:YYYY-MM-DD HH:mm:ss} | {level: <7} | " + f"rank {rank} | " + "{message}"
     logger.add(sys.stderr, level=level if rank == 0 else "WARNING", format=fmt)
-    if run_dir is not None and rank == 0:
+    if run_dir is None:
+        _early.clear()
+        if rank == 0:
+            logger.add(_early.append, level=level, format=fmt)
+    elif rank == 0:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
+        if _early:
+            with open(Path(run_dir) / "log.txt", "a") as f:
+                f.writelines(_early)
+            _early.clear()
         logger.add(Path(run_dir) / "log.txt", level=level, format=fmt)
-    elif run_dir is not None:
+    else:
         logger.add(Path(run_dir) / "log.txt", level="WARNING", format=fmt, filter=_every_rank, delay=True)
 
 

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import urllib.request
 import uuid
 
@@ -32,6 +33,9 @@ def pytest_configure(config):
 def _fresh_stats():
     stats.collect()
     yield
+    from loguru import logger  # a test's setup_logging bound a sink to its own captured stderr, closed now: back to the
+    logger.remove()            # process's stderr (pytest's fd capture shows it on failure; capsys does not see it)
+    logger.add(sys.__stderr__)
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,7 @@ import argparse
 import os
 import shutil
 import socket
+import sys
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
@@ -115,7 +116,12 @@ def init(cfg: DistConfig, device_name: str) -> Dist:
 
 
 def shutdown() -> None:
-    if tdist.is_initialized():
+    if not tdist.is_initialized():
+        return
+    ds_comm = sys.modules.get("deepspeed.comm.comm")
+    if ds_comm is not None and ds_comm.cdb is not None and ds_comm.cdb.is_initialized():
+        ds_comm.destroy_process_group()  # also drops DeepSpeed's cached groups: a later init in this process starts clean
+    else:
         tdist.destroy_process_group()
 
 

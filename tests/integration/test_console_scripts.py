@@ -4,6 +4,7 @@ scripts/env.sh and so .ci/run do, puts them there)."""
 import importlib
 import inspect
 import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -39,7 +40,9 @@ def test_sct_train_dry_run_matches_python_m(capsys):
     done = _run([str(_installed("sct-train")), "--config", "configs/demo_cpu.yaml", "--dry-run"])
     assert done.returncode == 0, done.stderr
     assert train.main(["--config", "configs/demo_cpu.yaml", "--dry-run"]) == 0
-    assert done.stdout == capsys.readouterr().out and "# backbone parameters:" in done.stdout
+    seconds = re.compile(r"in \d+(\.\d+)? s\b")  # the activation estimate's own CPU time differs run to run
+    assert seconds.sub("in _ s", done.stdout) == seconds.sub("in _ s", capsys.readouterr().out)
+    assert "# backbone parameters:" in done.stdout
 
 
 def test_installed_commands_resolve_to_the_same_mains():

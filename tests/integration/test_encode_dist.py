@@ -120,6 +120,7 @@ def test_writers_fail_in_one_line_before_work_or_create_the_bucket(image_shards,
     assert capsys.readouterr().err.strip().splitlines() == [f"storage error: bucket 'no-such-bucket' does not exist at {s3_server.endpoint} (create it, or pass --create-bucket)"]
     assert shards.main([*cli, "--out", "s3://made-by-the-writer/x", "--create-bucket"]) == 0
     assert shards.read_manifest("s3://made-by-the-writer/x")["total_samples"] == 1
+    capsys.readouterr()  # the created bucket's log line
     s3_server.require_auth(True)
     try:
         assert shards.main([*cli, "--out", image_shards + "-again"]) == 2
