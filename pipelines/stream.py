@@ -394,4 +394,7 @@ class ShardStream:
             self.cfg.shuffle_shards, self.world_size * self.workers)
 
     def close(self) -> None:
-        self._it = None  # the DataLoader iterator shuts its workers down when collected
+        it, self._it = self._it, None
+        shutdown = getattr(it, "_shutdown_workers", None)  # torch's multi-process iterator: sentinel to each worker, then join
+        if shutdown is not None:  # now, not at collection: an exception's traceback keeps the iterator alive, and at
+            shutdown()            # interpreter exit multiprocessing would join workers that ignore SIGTERM, forever

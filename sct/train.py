@@ -218,6 +218,9 @@ def _train(cfg: TrainConfig, args, d: dist.Dist, preempt: Preemption, on_exit: c
         return status
     finally:
         stats.close_sinks()
+        close = getattr(data, "close", None)
+        if close is not None:  # the data workers exit now, whatever ended the run (an uncaught error would hang at exit)
+            close()
     logger.info(f"stopped at step {reached}/{cfg.run.total_steps}; outputs in {run_dir}")
     return 0
 

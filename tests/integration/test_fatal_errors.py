@@ -97,3 +97,40 @@ def test_storage_failing_past_retry_seconds_stops_the_run_with_status_5(tmp_path
     assert train.main(args) == exit_codes.STORAGE
     (line,) = fatal_lines(run_dir)
     assert "(status 5, storage error)" in line and "data.retry_seconds=1" in line
+
+
+BUGGY_TRAIN = """
+import sys
+from sct import loop, train
+
+def buggy_step(*args):
+    if args[2] == 2:  # step 2: an unexpected error, a bug rather than a documented failure
+        raise RuntimeError("injected bug")
+    return real_step(*args)
+
+if __name__ == "__main__":  # DataLoader workers start from a forkserver: never re-run this
+    real_step, loop.train_step = loop.train_step, buggy_step
+    sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_an_unexpected_error_ends_the_process_promptly_with_its_data_workers(tmp_path):
+    """A bug (not a documented failure) propagates as a traceback, and the process exits: its data workers ignore
+    SIGTERM (preemption is the trainer's), so the stream is closed explicitly; before, the process hung at exit
+    joining them and a multi-rank job sat until the collective timeout."""
+    import subprocess
+    import sys
+    import time
+
+    url = str(tmp_path / "points")
+    write_points(url)
+    script = tmp_path / "buggy_train.py"
+    script.write_text(BUGGY_TRAIN)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, str(script), "--config", str(shard_config(tmp_path, url)), *SMALL,
+                           f"run.dir={tmp_path / 'run'}", "run.total_steps=5"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=180, check=False)
+    took = time.monotonic() - start
+    assert proc.returncode == 1 and "RuntimeError: injected bug" in proc.stderr, proc.stderr[-3000:]
+    assert took < 90, f"exited only after {took:.0f} s"
