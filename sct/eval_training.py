@@ -33,6 +33,19 @@ def check_eval(cfg: EvalConfig, shape: tuple[int, ...]) -> None:
         raise ConfigError("eval.every", f"evaluation measures images; the data samples are {list(shape)}")
 
 
+def decoded_scale(latent: dict) -> int:
+    """How many pixels a latent pixel decodes to: 2^(down blocks - 1) of the run's AutoencoderKL (loaded once, as evaluation will)."""
+    from sct.evaluate import _vae
+
+    if not latent.get("vae"):
+        raise ConfigError("sampling.vae", "evaluating latents needs a VAE to decode them; the shards' manifest names none")
+    try:
+        vae = _vae(latent["vae"])
+    except Exception as e:  # noqa: BLE001 - a missing folder, an unreachable hub or a broken config: the same setting to fix
+        raise ConfigError("sampling.vae", f"evaluation decodes latents through {latent['vae']!r}, which does not load: {type(e).__name__}: {e}") from None
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 class TrainingEval:
     """`(model, step) -> None`, called by every rank at the eval cadence (generation is split across ranks)."""
 
@@ -47,8 +60,10 @@ class TrainingEval:
             from sct.fmnist_classifier import load_classifier
 
             _, meta = load_classifier(self.weights)
-            if shape[-1] != meta["resolution"]:
-                raise ConfigError("eval.domain_classifier", f"{self.weights} takes {meta['resolution']}px images, the data is {shape[-1]}px")
+            pixels = shape[-1] * (decoded_scale(latent) if latent else 1)
+            if pixels != meta["resolution"]:
+                raise ConfigError("eval.domain_classifier", f"{self.weights} takes {meta['resolution']}px images, the "
+                                  f"{'decoded ' if latent else ''}data is {pixels}px")
         self.cfg, self.sampling, self.shape, self.classes, self.latent = cfg, sampling, shape, classes, latent
         self.run_dir, self.device, self.rank = run_dir, device, rank
         self.cache = Path(cfg.cache) if cfg.cache else run_dir / "eval_cache"

@@ -155,7 +155,8 @@ def _train(cfg: TrainConfig, args, d: dist.Dist, preempt: Preemption, on_exit: c
         if cfg.model.init_from:
             init_from_snapshot(net, cfg.model.init_from)
         objective = build_objective(cfg).to(device)
-        evaluator = build_training_eval(cfg, snapshot_config(cfg), run_dir, device, d.rank)
+        # the manifest's latent record: evaluation decodes latents through the VAE, as the snapshots and grids do
+        evaluator = build_training_eval(cfg, snapshot_config(cfg, getattr(data, "manifest", None)), run_dir, device, d.rank)
     except ConfigError as e:
         print(f"config error: {args.config}: {e}", file=sys.stderr)
         return 2

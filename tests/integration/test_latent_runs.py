@@ -100,6 +100,32 @@ def test_grids_and_sct_sample_decode_latents_to_rgb(latents, tmp_path, monkeypat
     assert np.abs(tile - ref).max() <= 1
 
 
+def test_evaluation_during_a_latent_run_decodes_through_the_vae_as_sct_evaluate_does(latents, tmp_path, domain_classifier, capsys):
+    """The `eval:` section of a latent run measures decoded RGB images: its FD at step 2 equals `python -m sct.evaluate`
+    of the step-2 snapshot (same EMA weights, seeds and labels), whose protocol says the samples went through the VAE."""
+    url, _ = latents
+    run_dir = tmp_path / "run"
+    spec = (f"eval={{every: 2, metrics: [fid], feature_extractor: fmnist, domain_classifier: {domain_classifier}, "
+            f"reference: 'array:fashion_mnist:test', num: 8, batch: 8, steps: [1], cache: {tmp_path / 'cache'}}}")
+    assert train.main(args_for(url, run_dir, spec)) == 0
+    during = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "eval/fmnist_fid_1step" in line]
+    assert [r["step"] for r in during] == [2] and (run_dir / "eval.png").is_file()
+    from sct import evaluate
+
+    out = tmp_path / "eval.json"
+    assert evaluate.main(["--snapshot", str(run_dir / "snapshots" / "snapshot_000000002.safetensors"), "--steps", "1", "--num-samples", "8",
+                          "--batch", "8", "--metrics", "fid", "--feature-extractor", "fmnist", "--domain-classifier", str(domain_classifier),
+                          "--reference", "array:fashion_mnist:test", "--cache", str(tmp_path / "cache"), "--out", str(out)]) == 0
+    offline = json.loads(out.read_text())
+    assert offline["protocol"]["decoded_through_vae"] is True
+    assert offline["metrics"]["frechet_inception_distance"] == pytest.approx(during[0]["eval/fmnist_fid_1step"], rel=1e-6)
+    missing = tmp_path / "no_such_vae"  # a VAE evaluation cannot load is a config error at start-up, naming the setting
+    capsys.readouterr()
+    assert train.main(args_for(url, tmp_path / "run2", spec, f"sampling.vae={missing}")) == 2
+    assert "sampling.vae" in capsys.readouterr().err
+    assert not (tmp_path / "run2").exists()
+
+
 def test_missing_vae_writes_channel_previews_with_a_warning(latents, tmp_path):
     url, vae = latents
     run_dir = tmp_path / "run"
