@@ -67,10 +67,17 @@ def to_pixels(arrays: list[np.ndarray]) -> Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
+def vae_reference(name: str, subfolder: str | None) -> str:
+    """The one string manifests, snapshots and sampling.vae use for a VAE: "NAME" or "NAME#SUBFOLDER" (hub ids hold no '#')."""
+    return f"{name}#{subfolder}" if subfolder else name
+
+
 def load_vae(name: str, subfolder: str | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """AutoencoderKL from a hub id or folder; "NAME#SUBFOLDER" (`vae_reference`) names a subfolder, e.g. a pipeline repo's "vae"."""
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL.from_pretrained(name, subfolder=subfolder, torch_dtype=dtype).to(device).eval().requires_grad_(False)
+    name, _, inner = name.partition("#")
+    return AutoencoderKL.from_pretrained(name, subfolder=subfolder or inner or None, torch_dtype=dtype).to(device).eval().requires_grad_(False)
 
 
 @torch.no_grad()
@@ -240,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         s3.check_writable(args.out, args.create_bucket)  # before loading the VAE or reading any image
         vae = load_vae(args.vae, args.vae_subfolder, device, getattr(torch, args.dtype))
-        manifest = encode_dataset(args.images, args.out, vae, args.resolution, args.flip, args.batch_size, args.shard_size, args.vae,
+        manifest = encode_dataset(args.images, args.out, vae, args.resolution, args.flip, args.batch_size, args.shard_size,
+                                  vae_reference(args.vae, args.vae_subfolder),
                                   rank, world_size, args.create_bucket, args.merge_timeout)
     except s3.StorageError as e:
         print(f"storage error: {e}", file=sys.stderr)

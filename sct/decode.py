@@ -58,7 +58,7 @@ class Pictures:
             from pipelines.encode import load_vae
 
             try:
-                if _looks_local(name) and not Path(name).expanduser().is_dir():  # not a hub name: no network round trip
+                if _looks_local(name) and not Path(name.partition("#")[0]).expanduser().is_dir():  # not a hub name: no network round trip
                     raise FileNotFoundError("no such folder")
                 self._vae = load_vae(str(Path(name).expanduser()) if _looks_local(name) else name, device=str(self.device))
             except Exception as e:  # noqa: BLE001 - any reason (missing, corrupt, offline hub): previews instead of a crash

@@ -27,7 +27,7 @@ class SamplingConfig:
     guidance: float = 1.0  # classifier-free guidance scale (ode), or the input of a guidance-conditioned student (consistency)
     num: int = 100  # samples per grid; class-conditional grids put one class per row
     seed: int = 0
-    vae: str = ""  # latent data: AutoencoderKL (hub name or folder) that decodes samples; "" = the manifest's "vae"
+    vae: str = ""  # latent data: AutoencoderKL (hub name or folder; NAME#SUBFOLDER for one inside a pipeline repo) that decodes samples; "" = the manifest's "vae"
 
     def check(self) -> None:
         if not self.steps or min(self.steps) < 1:

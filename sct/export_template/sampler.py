@@ -407,7 +407,8 @@ class Sampler:
         if vae is None:
             from diffusers import AutoencoderKL
 
-            vae = AutoencoderKL.from_pretrained(latent["vae"])
+            name, _, subfolder = latent["vae"].partition("#")  # "NAME#SUBFOLDER": a VAE inside a pipeline repo
+            vae = AutoencoderKL.from_pretrained(name, subfolder=subfolder or None)
         stats = latent["stats"]
         mean = torch.tensor(stats["mean"], dtype=torch.float32)[:, None, None]
         scale = (stats.get("sigma_data", 0.5) / torch.tensor(stats["std"], dtype=torch.float32))[:, None, None]

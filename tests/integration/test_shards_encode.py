@@ -55,3 +55,33 @@ def test_encode_stores_posterior_means_and_statistics_that_the_stream_and_decode
     assert np.allclose(all_x.mean(axis=(0, 2, 3)), 0, atol=1e-5) and np.allclose(all_x.std(axis=(0, 2, 3)), 0.5, atol=1e-4)
     images_out = encode.decode(vae, torch.from_numpy(plain), manifest["stats"])
     assert torch.allclose(images_out, vae.decode(torch.from_numpy(z.astype(np.float32))).sample.clamp(-1, 1), atol=1e-4)
+
+
+def test_a_vae_in_a_subfolder_is_recorded_so_that_decoding_finds_it(tmp_path, vae_dir):
+    """--vae REPO --vae-subfolder vae (a full pipeline repo's layout) -> the manifest names "REPO#vae", which the grids'
+    loader (sct.decode.Pictures) and the export's standalone sampler both load."""
+    import shutil
+
+    from sct.decode import Pictures
+
+    repo = tmp_path / "pipeline"
+    shutil.copytree(vae_dir, repo / "vae")
+    rng = np.random.default_rng(2)
+    (tmp_path / "img" / "a").mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), np.uint8)).save(tmp_path / "img" / "a" / f"{i}.png")
+    images, latents = str(tmp_path / "images"), str(tmp_path / "latents")
+    assert shards.main(["images", "--folder", str(tmp_path / "img"), "--out", images]) == 0
+    assert encode.main(["--images", images, "--out", latents, "--vae", str(repo), "--vae-subfolder", "vae", "--resolution", "16"]) == 0
+    manifest = shards.read_manifest(latents)
+    assert manifest["vae"] == f"{repo}#vae"
+    pictures = Pictures({"vae": manifest["vae"], "stats": manifest["stats"]}, torch.device("cpu"))
+    assert pictures.vae() is not None
+    z = torch.zeros(1, 4, 8, 8)
+    assert torch.equal(pictures.vae().decode(z).sample, encode.load_vae(str(vae_dir)).decode(z).sample)
+
+    from sct.export_template.sampler import Sampler  # the standalone loader parses the same reference
+
+    sampler = Sampler.__new__(Sampler)
+    sampler.spec = {"latent": {"vae": manifest["vae"], "stats": manifest["stats"]}}
+    assert sampler.decode(z).shape == (1, 3, 16, 16)
