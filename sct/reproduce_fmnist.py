@@ -44,6 +44,7 @@ VARIANTS = {  # name -> (config, overrides): the adaptive weightings of MATH §3
     "sct-decoupled": ("fmnist_sct", ["objective.adaptive_weighting=decoupled"]),
     "sct-off": ("fmnist_sct", ["objective.adaptive_weighting=off"]),
 }
+STOPS = (signal.SIGTERM, signal.SIGINT)
 TARGETS = {"scd": 1.3, "sct": 2.0}  # issue 13: 2-step domain FD within this factor of the teacher's ODE sampler
 
 
@@ -83,14 +84,15 @@ def plan(a: argparse.Namespace) -> list[Job]:
     jobs.append(Job("data", [sys.executable, "-m", "sct.reproduce_fmnist", "--data-fd", "--out", str(out), "--num-samples", str(a.num_samples)],
                     out / "eval" / "data.json", ("classifier",)))
     evals = [("teacher", teacher, a.ode_steps)] + [(j.name, j.output, k) for j in jobs if j.name == "ict" or j.name in a.variants for k in (1, 2)]
-    for name, snapshot, steps in evals:
+    for name, snapshot, steps in evals:  # in this order: the data floor and the teacher's long ODE evaluation start first
         argv = [sys.executable, "-m", "sct.evaluate", "--snapshot", str(snapshot), "--reference", REFERENCE, "--num-samples", str(a.num_samples),
                 "--steps", str(steps), "--metrics", "fid", "--feature-extractor", "fmnist", "--domain-classifier", str(cls),
                 "--cache", str(out / "eval_cache"), "--out", str(out / "eval" / f"{name}_{steps}.json")]
         jobs.append(Job(f"eval {name} {steps}", argv, out / "eval" / f"{name}_{steps}.json", (name, "data")))  # "data" fills the cache first
     for j in jobs:
         j.log = out / "logs" / (j.name.replace(" ", "_") + ".log")
-    return jobs
+    first = [j for j in jobs if j.name in ("classifier", "teacher", "data", f"eval teacher {a.ode_steps}")]
+    return first + [j for j in jobs if j not in first]
 
 
 class Stop(Exception):
@@ -106,12 +108,12 @@ def run_jobs(jobs: list[Job], parallel: int) -> None:
         print(f"reproduce: {name}: done before ({next(j.output for j in jobs if j.name == name)})", flush=True)
     pending, running, begun, last_status = [j for j in jobs if j.name not in done], [], time.time(), time.time()
 
-    def stop(*_):
-        raise Stop
-
-    old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    stops = []  # the handler only records the signal: the loop stops between two bookkeeping steps, never inside one
+    old = {s: signal.signal(s, lambda signum, _: stops.append(signum)) for s in STOPS}
     try:
         while pending or running:
+            if stops:
+                raise Stop
             for j in [j for j in pending if all(n in done for n in j.needs)][: parallel - len(running)]:
                 j.log.parent.mkdir(parents=True, exist_ok=True)
                 with open(j.log, "ab") as log:
@@ -185,6 +187,7 @@ def figure(a: argparse.Namespace, path: Path) -> None:
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from PIL import Image
 
     from sct.evaluate import ModelSource
 
@@ -200,6 +203,7 @@ def figure(a: argparse.Namespace, path: Path) -> None:
     fig.subplots_adjust(left=0.2, right=0.99, top=0.99, bottom=0.01, hspace=0.08)
     FigureCanvasAgg(fig)
     fig.savefig(path, format="png", dpi=100)
+    Image.open(path).convert("L").save(path, optimize=True)  # all grey: a third of the RGBA file
 
 
 def report(res: dict, a: argparse.Namespace) -> str:

@@ -1,7 +1,7 @@
 """The Fashion-MNIST reproduction's one command (`python -m sct.reproduce_fmnist`, issue 13 item 6), rehearsed small:
 the real configs with the network and every count shrunk by flags and `--set`, two variants instead of seven.
 
-First run: SIGTERM while the teacher trains -> exit 75 with a teacher checkpoint. The same command then
+First run: SIGTERM once the teacher has checkpointed -> exit 75, the teacher checkpoints again. The same command then
 finishes every stage (the teacher resumes) and writes results.json, report.md and samples.png; a third run
 finds every stage done and only rewrites the report. The FDs of these untrained networks mean nothing;
 the test checks the path, the bookkeeping and that the training images' FD is the smallest.
@@ -35,22 +35,22 @@ def command(out: Path, teacher_steps: int) -> list[str]:
 @pytest.mark.skipif(not FMNIST.exists(), reason="Fashion-MNIST is not installed (scripts/fashion_mnist.sh)")
 def test_the_reproduction_stops_on_sigterm_resumes_and_reports(tmp_path):
     out = tmp_path / "fmnist"
-    cmd = command(out, teacher_steps=3000)
-    first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    teacher_log, deadline = out / "teacher" / "log.txt", time.time() + 240
-    while not (teacher_log.exists() and " step " in teacher_log.read_text()):
+    first = subprocess.Popen(command(out, teacher_steps=10**6), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    checkpoints, deadline = out / "teacher" / "checkpoints", time.time() + 300
+    while not list(checkpoints.glob("step_*/COMPLETE")):  # the teacher is under way (it checkpoints every 200 steps)
         assert first.poll() is None and time.time() < deadline, first.communicate()[0]
         time.sleep(0.5)
     first.send_signal(signal.SIGTERM)
     said = first.communicate(timeout=120)[0]
     assert first.returncode == 75, said
     assert "rerun the same command to continue" in said
-    assert list((out / "teacher" / "checkpoints").glob("step_*")), "the stopped teacher left no checkpoint"
+    stopped_at = max(int(p.name.removeprefix("step_")) for p in checkpoints.glob("step_*"))
+    assert "preempted: checkpointed at step" in (out / "teacher" / "log.txt").read_text()
 
-    cmd = command(out, teacher_steps=40)  # the teacher's total shrinks from 3000 (allowed on resume) so the test ends soon
+    cmd = command(out, teacher_steps=stopped_at + 20)  # a smaller total on resume is allowed: the test ends soon
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "resum" in (out / "teacher" / "log.txt").read_text().lower()
+    assert f"resumed from {checkpoints / f'step_{stopped_at:09d}'}" in (out / "teacher" / "log.txt").read_text()
     res = json.loads((out / "results.json").read_text())
     rows = res["rows"]
     assert set(rows) == {"data", "teacher", "ict", "scd-decoupled", "sct-off"}
