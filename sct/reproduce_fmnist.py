@@ -4,8 +4,8 @@ Runs the user's own commands as subprocesses, two at a time on the machine's cor
   1. `python -m sct.fmnist_classifier train`: the domain feature extractor (its FD works offline);
   2. `python -m sct.train --config configs/fmnist_diffusion.yaml`: the TrigFlow diffusion teacher;
   3. `sct.train` of configs/fmnist_scd.yaml and fmnist_sct.yaml from that teacher (Algorithm 1: the student
-     starts as the teacher), once per adaptive weighting (`objective.adaptive_weighting`: paper, paper with the
-     head fed ln(σd tan t), decoupled, off), and configs/fmnist_ict.yaml from scratch;
+     starts as the teacher), once per adaptive weighting (`objective.adaptive_weighting`: paper, decoupled, off;
+     paper and decoupled also with the head fed ln(σd tan t)), and configs/fmnist_ict.yaml from scratch;
   4. `python -m sct.evaluate --feature-extractor fmnist` of every snapshot at 1 and 2 steps, and of the
      teacher's Heun ODE sampler at `--ode-steps` intervals; the FD of real training images is the floor.
 Writes results.json, report.md (the table, the issue's targets met or not, wall times) and samples.png
@@ -39,9 +39,11 @@ VARIANTS = {  # name -> (config, overrides): the adaptive weightings of MATH §3
     "scd-paper": ("fmnist_scd", ["objective.adaptive_weighting=paper"]),
     "scd-paper-logsigma": ("fmnist_scd", ["objective.adaptive_weighting=paper", "objective.adaptive_input=log_sigma"]),
     "scd-decoupled": ("fmnist_scd", ["objective.adaptive_weighting=decoupled"]),
+    "scd-decoupled-logsigma": ("fmnist_scd", ["objective.adaptive_weighting=decoupled", "objective.adaptive_input=log_sigma"]),
     "scd-off": ("fmnist_scd", ["objective.adaptive_weighting=off"]),
     "sct-paper": ("fmnist_sct", ["objective.adaptive_weighting=paper"]),
     "sct-decoupled": ("fmnist_sct", ["objective.adaptive_weighting=decoupled"]),
+    "sct-decoupled-logsigma": ("fmnist_sct", ["objective.adaptive_weighting=decoupled", "objective.adaptive_input=log_sigma"]),
     "sct-off": ("fmnist_sct", ["objective.adaptive_weighting=off"]),
 }
 STOPS = (signal.SIGTERM, signal.SIGINT)

@@ -48,7 +48,7 @@ def test_the_reproduction_stops_on_sigterm_resumes_and_reports(tmp_path):
     assert "preempted: checkpointed at step" in (out / "teacher" / "log.txt").read_text()
 
     cmd = command(out, teacher_steps=stopped_at + 20)  # a smaller total on resume is allowed: the test ends soon
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"resumed from {checkpoints / f'step_{stopped_at:09d}'}" in (out / "teacher" / "log.txt").read_text()
     res = json.loads((out / "results.json").read_text())
@@ -66,7 +66,7 @@ def test_the_reproduction_stops_on_sigterm_resumes_and_reports(tmp_path):
     width, height = Image.open(out / "samples.png").size
     assert width == 1000 and height > 200  # 5 rows: the teacher's ODE, two variants and iCT at 1 and 2 steps
 
-    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "started" not in again.stdout and again.stdout.count("done before") == 13
 
