@@ -57,27 +57,29 @@ def records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_planted_state_pt_is_refused_not_executed(tmp_path):
-    run_dir, marker = tmp_path / "run", tmp_path / "PWNED"
-    args = [*TOY, f"run.dir={run_dir}", "run.total_steps=3", "run.checkpoint_every=3"]
+def finished_toy(tmp_path: Path, steps: int, *extra: str) -> tuple[list[str], Path, Path]:
+    """(its arguments, its last checkpoint folder, the marker a planted payload would create) of a finished toy run."""
+    run_dir = tmp_path / "run"
+    args = [*TOY, f"run.dir={run_dir}", f"run.total_steps={steps}", f"run.checkpoint_every={steps}", *extra]
     assert train.main(args) == 0
-    step_dir = run_dir / "checkpoints" / "step_000000003"
+    return args, run_dir / "checkpoints" / f"step_{steps:09d}", tmp_path / "PWNED"
+
+
+def test_planted_state_pt_is_refused_not_executed(tmp_path):
+    args, step_dir, marker = finished_toy(tmp_path, 3)
     plant(step_dir / "state.pt", marker)
     reseal(step_dir)
-    assert latest_training_state(run_dir) == step_dir  # a valid COMPLETE marker: checksums alone cannot tell
+    assert latest_training_state(step_dir.parents[1]) == step_dir  # a valid COMPLETE marker: checksums alone cannot tell
     assert train.main([*args, "run.total_steps=5"]) == exit_codes.STATE
     assert not marker.exists()
-    log = (run_dir / "log.txt").read_text()
+    log = (step_dir.parents[1] / "log.txt").read_text()
     assert "fatal (status 6, state error): cannot load" in log and "weights_only" in log
 
 
 def test_engine_files_writable_by_others_or_not_ours_are_never_handed_to_deepspeed(tmp_path):
     """DeepSpeed unpickles its own engine files (weights_only=False): the owner/permission check must stop the
     run before DeepSpeed reads them."""
-    run_dir, marker = tmp_path / "run", tmp_path / "PWNED"
-    args = [*TOY, f"run.dir={run_dir}", "run.total_steps=2", "run.checkpoint_every=2", "dist.engine=deepspeed"]
-    assert train.main(args) == 0
-    step_dir = run_dir / "checkpoints" / "step_000000002"
+    args, step_dir, marker = finished_toy(tmp_path, 2, "dist.engine=deepspeed")
     engine_file = next((step_dir / "engine").rglob("mp_rank_00_model_states.pt"))
     plant(engine_file, marker)
     reseal(step_dir)
@@ -92,10 +94,7 @@ def test_engine_files_writable_by_others_or_not_ours_are_never_handed_to_deepspe
 
 
 def test_refusals_name_the_cause(tmp_path, capsys):
-    run_dir, marker = tmp_path / "run", tmp_path / "PWNED"
-    args = [*TOY, f"run.dir={run_dir}", "run.total_steps=2", "run.checkpoint_every=2"]
-    assert train.main(args) == 0
-    step_dir = run_dir / "checkpoints" / "step_000000002"
+    args, step_dir, marker = finished_toy(tmp_path, 2)
     plant(step_dir / "state.pt", marker)
     reseal(step_dir)
     step_dir.chmod(0o777)
@@ -107,9 +106,8 @@ def test_refusals_name_the_cause(tmp_path, capsys):
 
 
 def test_resume_refuses_a_changed_config_naming_the_keys(tmp_path, capsys):
-    run_dir = tmp_path / "run"
-    args = [*TOY, f"run.dir={run_dir}", "run.total_steps=3", "run.checkpoint_every=3"]
-    assert train.main(args) == 0
+    args, step_dir, _ = finished_toy(tmp_path, 3)
+    run_dir = step_dir.parents[1]
     before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name != ".lock"}
     capsys.readouterr()
     assert train.main([*args, "optimizer.lr=2e-3", "run.seed=1", "run.total_steps=5"]) == exit_codes.CONFIG
