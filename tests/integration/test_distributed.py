@@ -131,6 +131,19 @@ def _wait_for_lines(path: Path, n: int, proc: subprocess.Popen, timeout: float =
     raise AssertionError(f"{path} did not reach {n} lines (exit {proc.poll()})")
 
 
+def _wait_for_group_exit(pgid: int, timeout: float = 120) -> None:
+    """Until every process of the group has exited: the deepspeed runner dies of the group's SIGTERM at once, while
+    its ranks still finish the step, write its metrics line and checkpoint."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"processes of group {pgid} still running {timeout:.0f} s after SIGTERM")
+
+
 @pytest.fixture(scope="module")
 def deepspeed_job(tmp_path_factory) -> Path:
     """Under the deepspeed launcher, a run gets kill -TERM (to every process, as SLURM does) mid-run;
@@ -143,6 +156,7 @@ def deepspeed_job(tmp_path_factory) -> Path:
             _wait_for_lines(out / "preempt" / "metrics.jsonl", 5, proc)
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=120)
+            _wait_for_group_exit(proc.pid)
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
