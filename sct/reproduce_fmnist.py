@@ -66,6 +66,11 @@ def snapshot_of(run_dir: Path, steps: int) -> Path:
     return run_dir / "snapshots" / f"snapshot_{steps:09d}.safetensors"
 
 
+def steps_of(a: argparse.Namespace, name: str) -> int:
+    """Training steps of a stage: the teacher's, iCT's, or the students' (every variant)."""
+    return {"teacher": a.teacher_steps, "ict": a.ict_steps}.get(name, a.student_steps)
+
+
 def train_argv(config: str, run_dir: Path, steps: int, extra: list[str]) -> list[str]:
     cadence = [f"run.total_steps={steps}", f"run.snapshot_every={steps}", f"run.sample_every={steps}",
                f"run.checkpoint_every={min(200, steps)}", f"run.log_every={max(1, min(50, steps // 10))}"]
@@ -106,8 +111,9 @@ def run_jobs(jobs: list[Job], parallel: int) -> None:
     threads = str(max(1, (os.cpu_count() or 1) // parallel))
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"}
     done = {j.name for j in jobs if j.output.exists()}
-    for name in sorted(done):
-        print(f"reproduce: {name}: done before ({next(j.output for j in jobs if j.name == name)})", flush=True)
+    for j in jobs:
+        if j.name in done:
+            print(f"reproduce: {j.name}: done before ({j.output})", flush=True)
     pending, running, begun, last_status = [j for j in jobs if j.name not in done], [], time.time(), time.time()
 
     stops = []  # the handler only records the signal: the loop stops between two bookkeeping steps, never inside one
@@ -176,9 +182,9 @@ def collect(a: argparse.Namespace) -> dict:
     teacher = fd(f"teacher_{a.ode_steps}")
     rows = {"data": {"fd": fd("data")}, "teacher": {"fd": teacher, "steps": a.teacher_steps, "train_s": train_seconds(a.out / "teacher"), "nfe": 2 * a.ode_steps - 1}}
     for name in ["ict", *a.variants]:
-        steps = a.ict_steps if name == "ict" else a.student_steps
         one, two = fd(f"{name}_1"), fd(f"{name}_2")
-        rows[name] = {"fd_1": one, "fd_2": two, "ratio_1": one / teacher, "ratio_2": two / teacher, "steps": steps, "train_s": train_seconds(a.out / name)}
+        rows[name] = {"fd_1": one, "fd_2": two, "ratio_1": one / teacher, "ratio_2": two / teacher, "steps": steps_of(a, name),
+                      "train_s": train_seconds(a.out / name)}
     protocol = json.loads((a.out / "eval" / f"teacher_{a.ode_steps}.json").read_text())["protocol"]
     return {"rows": rows, "num_samples": a.num_samples, "ode_steps": a.ode_steps, "reference": REFERENCE, "protocol": protocol,
             "classifier": load_classifier(a.out / "fmnist_cnn.safetensors")[1]}
@@ -194,7 +200,7 @@ def figure(a: argparse.Namespace, path: Path) -> None:
     from sct.evaluate import ModelSource
 
     rows = [(f"teacher ODE ({2 * a.ode_steps - 1} NFE)", snapshot_of(a.out / "teacher", a.teacher_steps), a.ode_steps)]
-    rows += [(f"{name} {k}-step", snapshot_of(a.out / name, a.ict_steps if name == "ict" else a.student_steps), k) for name in [*a.variants, "ict"] for k in (1, 2)]
+    rows += [(f"{name} {k}-step", snapshot_of(a.out / name, steps_of(a, name)), k) for name in [*a.variants, "ict"] for k in (1, 2)]
     fig = Figure(figsize=(10, 0.62 * len(rows)))
     for i, (label, snapshot, steps) in enumerate(rows):
         images = ModelSource.from_snapshot(snapshot, torch.device("cpu")).images(list(range(20)), 0, steps, None)[:, 0].numpy()
